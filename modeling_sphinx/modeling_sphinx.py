@@ -1,0 +1,413 @@
+"""SPHINX model: an LLM reading fused CLIP / ConvNeXt / DINOv2 tokens and BLIP-2 Q-Former queries.
+
+Per view the LLM sees `[start_img, Q-Former queries, fused tokens, end_img]`; views are ordered global first,
+then the crops row-major, and every view of every image goes through each encoder in one batched call. The
+view construction reproduces the original LLaMA2-Accessory code exactly, including its float16 round trips
+(see `SphinxModel.cut_views`).
+
+This file is copied flat into saved model folders as remote code: it imports only its sibling
+`configuration_sphinx`.
+"""
+
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.generation import StoppingCriteria, StoppingCriteriaList
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionModel
+
+from .configuration_sphinx import SphinxConfig
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CONVNEXT_INPUT_FROM_VIEW = 256  # the original feeds ConvNeXt each 224-px view resized (nearest) to 256 px
+
+
+@dataclass
+class SphinxModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    image_hidden_states (`torch.FloatTensor`, *optional*):
+        Visual tokens of the images, `(num_images, num_image_tokens, hidden_size)`, start/end embeddings included.
+    """
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class SphinxCausalLMOutputWithPast(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor`, *optional*):
+        Next-token loss, when `labels` are given.
+    logits (`torch.FloatTensor`):
+        Prediction scores of the language modeling head.
+    past_key_values (`Cache`, *optional*):
+        The decoder's key/value cache.
+    hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*):
+        Per-layer outputs of the decoder, when asked for.
+    image_hidden_states (`torch.FloatTensor`, *optional*):
+        Visual tokens of the images, `(num_images, num_image_tokens, hidden_size)`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+def resize_through_float16(images: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """Resize normalised pixels the way the original does: in float16, no antialias, back to the input dtype."""
+    return F.interpolate(images.half(), size=(size, size), mode=mode).to(images.dtype)
+
+
+def cut_crops(images: torch.Tensor, grid: int, size: int) -> list[torch.Tensor]:
+    """The `grid x grid` crops of side `size`, row-major."""
+    return [images[..., y * size : (y + 1) * size, x * size : (x + 1) * size] for y in range(grid) for x in range(grid)]
+
+
+def create_timm_encoder(config) -> nn.Module:
+    """A timm trunk without classifier or pooling: token features for ViTs, the normed map for ConvNeXt."""
+    return timm.create_model(
+        config.architecture, pretrained=False, num_classes=0, global_pool="", **(config.model_args or {})
+    )
+
+
+class SphinxQFormer(nn.Module):
+    """BLIP-2 vision tower + Q-Former, giving the outputs of the learned queries (`get_qformer_features`)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.vision_model = Blip2VisionModel(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
+        self.qformer = Blip2QFormerModel(config.qformer_config)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        attention_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.qformer(
+            query_embeds=queries, encoder_hidden_states=image_embeds, encoder_attention_mask=attention_mask
+        ).last_hidden_state
+
+
+class SeparatorStoppingCriteria(StoppingCriteria):
+    """Stops a row once its generated ids end with one of the token sequences (SPHINX's `\\n###`)."""
+
+    def __init__(self, sequences: list[list[int]]):
+        self.sequences = [torch.tensor(seq, dtype=torch.long) for seq in sequences if seq]
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for seq in self.sequences:
+            if input_ids.shape[1] >= len(seq):
+                done |= (input_ids[:, -len(seq) :] == seq.to(input_ids.device)).all(dim=1)
+        return done
+
+
+class SphinxPreTrainedModel(PreTrainedModel):
+    config: SphinxConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    # Raw timm and Q-Former blocks contribute nothing to the aggregated list, so they are named here.
+    _no_split_modules = ["Block", "ConvNeXtBlock", "Blip2EncoderLayer", "Blip2QFormerLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # loading replaces the parameters created in __init__, so the freeze is applied again afterwards
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        base = model if isinstance(model, SphinxModel) else model.model
+        base.freeze_vision_encoders()
+        return loaded
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, SphinxModel):
+            # the original initialises the boundary embeddings with torch.rand
+            nn.init.uniform_(module.start_img)
+            nn.init.uniform_(module.end_img)
+        elif isinstance(module, SphinxQFormer):
+            module.query_tokens.normal_(std=0.02)
+
+
+class SphinxModel(SphinxPreTrainedModel):
+    def __init__(self, config: SphinxConfig):
+        super().__init__(config)
+        if not config.has_fused_encoder:
+            raise ValueError("SphinxConfig needs at least one of clip_config, convnext_config or dinov2_config")
+        hidden_size = config.text_config.hidden_size
+        eps = config.projector_layer_norm_eps
+        self.clip = create_timm_encoder(config.clip_config) if config.clip_config is not None else None
+        self.convnext = create_timm_encoder(config.convnext_config) if config.convnext_config is not None else None
+        self.dinov2 = create_timm_encoder(config.dinov2_config) if config.dinov2_config is not None else None
+        self.qformer = SphinxQFormer(config.qformer_config) if config.qformer_config is not None else None
+        if self.qformer is not None:
+            self.qformer_proj = nn.Sequential(
+                nn.Linear(config.qformer_config.qformer_config.hidden_size, hidden_size), nn.LayerNorm(hidden_size, eps)
+            )
+        fused_width = sum(e.num_features for e in (self.clip, self.convnext, self.dinov2) if e is not None)
+        self.visual_proj = nn.Sequential(nn.Linear(fused_width, hidden_size), nn.LayerNorm(hidden_size, eps))
+        self.start_img = nn.Parameter(torch.rand(1, 1, hidden_size))
+        self.end_img = nn.Parameter(torch.rand(1, 1, hidden_size))
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.freeze_vision_encoders()
+        self.post_init()
+
+    def freeze_vision_encoders(self):
+        """Stop gradients into the encoders when the config says they are frozen (the SPHINX default)."""
+        if self.config.freeze_vision_encoders:
+            for encoder in self.vision_encoders():
+                encoder.requires_grad_(False)
+
+    def vision_encoders(self) -> list[nn.Module]:
+        return [e for e in (self.qformer, self.clip, self.convnext, self.dinov2) if e is not None]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_vision_encoders:
+            for encoder in self.vision_encoders():
+                encoder.eval()
+        return self
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def cut_views(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Views of each image, image-major and global first: `(views, convnext_views)`.
+
+        `views` (`[N * V, 3, view_size, view_size]`) feed CLIP, DINOv2 and the BLIP-2 tower. `convnext_views`
+        are the ConvNeXt inputs when ConvNeXt has views of its own (`convnext_view_size`), else `None`.
+
+        As in the original: a view that needs resizing is resized bicubically in float16; crops are cut from
+        the input when it has exactly the size of the crop grid, otherwise from a float16 bicubic resize; the
+        ConvNeXt global view always passes through float16 (the original resizes it even when the size does
+        not change).
+        """
+        config = self.config
+        side = pixel_values.shape[-1]
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or pixel_values.shape[-2] != side:
+            raise ValueError(f"pixel_values must be [num_images, 3, H, W] with H == W, got {list(pixel_values.shape)}")
+        if side != config.image_size:
+            raise ValueError(f"pixel_values are {side}x{side} px but this model expects {config.image_size} px")
+
+        def views_at(size: int, always_resize_global: bool) -> torch.Tensor:
+            if side == size and not always_resize_global:
+                global_view = pixel_values
+            else:
+                global_view = resize_through_float16(pixel_values, size, "bicubic")
+            if config.crop_grid == 1:
+                return global_view
+            grid_side = size * config.crop_grid
+            source = pixel_values if side == grid_side else resize_through_float16(pixel_values, grid_side, "bicubic")
+            views = torch.stack([global_view, *cut_crops(source, config.crop_grid, size)], dim=1)
+            return views.flatten(0, 1)
+
+        views = views_at(config.view_size, always_resize_global=False)
+        convnext_views = None
+        if self.convnext is not None and config.convnext_view_size is not None:
+            convnext_views = views_at(config.convnext_view_size, always_resize_global=True)
+        return views, convnext_views
+
+    def _convnext_tokens(self, views: torch.Tensor, convnext_views: torch.Tensor | None) -> torch.Tensor:
+        """`[N * V, 1 + grid_side**2, C]`: the mean token, then the map row-major, duplicated up to the grid."""
+        if convnext_views is None:
+            convnext_views = resize_through_float16(views, CONVNEXT_INPUT_FROM_VIEW, "nearest")
+        feature_map = self.convnext(convnext_views.to(self.convnext.stem[0].weight.dtype))
+        grid_side = self.config.grid_side
+        if feature_map.shape[-1] != grid_side:
+            if grid_side % feature_map.shape[-1]:
+                raise ValueError(f"ConvNeXt map of side {feature_map.shape[-1]} cannot fill a {grid_side} grid")
+            factor = grid_side // feature_map.shape[-1]
+            feature_map = feature_map.repeat_interleave(factor, dim=-1).repeat_interleave(factor, dim=-2)
+        tokens = feature_map.flatten(-2).transpose(1, 2)
+        return torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """Visual tokens per image: `pooler_output` is `[num_images, num_image_tokens, hidden_size]`."""
+        num_images = pixel_values.shape[0]
+        views, convnext_views = self.cut_views(pixel_values)
+        encoder_dtype = self.visual_proj[0].weight.dtype
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision_encoders):
+            fused = []
+            if self.clip is not None:
+                fused.append(self.clip.forward_features(views.to(encoder_dtype)))
+            if self.convnext is not None:
+                fused.append(self._convnext_tokens(views, convnext_views))
+            if self.dinov2 is not None:
+                fused.append(self.dinov2.forward_features(self._to_dinov2_statistics(views).to(encoder_dtype)))
+            queries = self.qformer(views) if self.qformer is not None else None
+        tokens = [self.visual_proj(torch.cat([f.to(encoder_dtype) for f in fused], dim=-1))]
+        if queries is not None:
+            tokens.insert(0, self.qformer_proj(queries.to(encoder_dtype)))
+        per_view = tokens[0].shape[0]
+        tokens = [self.start_img.expand(per_view, -1, -1), *tokens, self.end_img.expand(per_view, -1, -1)]
+        image_tokens = torch.cat(tokens, dim=1).reshape(num_images, -1, self.config.text_config.hidden_size)
+        return BaseModelOutputWithPooling(last_hidden_state=image_tokens, pooler_output=image_tokens)
+
+    @staticmethod
+    def _to_dinov2_statistics(views: torch.Tensor) -> torch.Tensor:
+        """Re-normalise CLIP-normalised pixels to ImageNet statistics, with the original's formula."""
+        clip_mean, clip_std, mean, std = (
+            torch.tensor(v, dtype=views.dtype, device=views.device).view(3, 1, 1)
+            for v in (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, IMAGENET_MEAN, IMAGENET_STD)
+        )
+        return views * (clip_std / std) + (clip_mean - mean) / std
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features) -> torch.BoolTensor:
+        if input_ids is None:
+            image_embedding = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+            )
+            is_image = (inputs_embeds == image_embedding).all(-1)
+        else:
+            is_image = input_ids == self.config.image_token_id
+        n_tokens, n_features = int(is_image.sum()), image_features.shape[0] * image_features.shape[1]
+        if n_tokens != n_features:
+            raise ValueError(
+                f"Image features and image tokens do not match: the text has {n_tokens} image tokens, the "
+                f"{image_features.shape[0]} image(s) give {n_features} ({self.config.num_image_tokens} per image)"
+            )
+        return is_image.unsqueeze(-1).expand_as(inputs_embeds)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> SphinxModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        context = self.config.text_config.max_position_embeddings
+        if past_length + inputs_embeds.shape[1] > context:
+            n_image = int((input_ids == self.config.image_token_id).sum(-1).max()) if input_ids is not None else 0
+            raise ValueError(
+                f"the sequence needs {past_length + inputs_embeds.shape[1]} positions ({n_image} of them visual "
+                f"tokens) but the model's context length is {context}; shorten the prompt"
+            )
+        image_features = None
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values).pooler_output
+            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
+        elif input_ids is not None and past_length == 0 and (input_ids == self.config.image_token_id).any():
+            raise ValueError("the text has image tokens but no pixel_values were given")
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return SphinxModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: SphinxConfig):
+        super().__init__(config)
+        self.model = SphinxModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> SphinxCausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, kept, :])
+        loss = None
+        if labels is not None:
+            # visual positions are inputs, never targets
+            labels = labels.masked_fill(labels == self.config.image_token_id, -100)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return SphinxCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+    def generate(self, *args, stopping_criteria: StoppingCriteriaList | None = None, **kwargs):
+        """`GenerationMixin.generate`, stopping each row at SPHINX's turn separator.
+
+        The separator (`\n###`) spans several tokens, so it cannot be an `eos_token_id`; its token sequences
+        are read from `generation_config.separator_token_ids` (written by the processor-aware tools that
+        save models) and a `separator_token_ids=[]` argument turns the stop off.
+        """
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        sequences = kwargs.pop("separator_token_ids", getattr(generation_config, "separator_token_ids", None))
+        if sequences:
+            stopping_criteria = StoppingCriteriaList(stopping_criteria or [])
+            stopping_criteria.append(SeparatorStoppingCriteria(sequences))
+        return super().generate(*args, stopping_criteria=stopping_criteria, **kwargs)
+
+
+__all__ = ["SphinxPreTrainedModel", "SphinxModel", "SphinxForConditionalGeneration"]

@@ -1,0 +1,77 @@
+"""SPHINX processor: image processor + LLaMA tokenizer + the original chat template.
+
+Each `<image>` placeholder is expanded to `num_image_tokens` copies that the model fills with the visual
+tokens of every view of that image. The chat template puts all images right after BOS, as the original does.
+
+This file is copied flat into saved model folders as remote code.
+"""
+
+from transformers.processing_utils import MultiModalData, ProcessorMixin
+
+from .tasks_sphinx import SEPARATOR, GroundedText, parse_grounding, strip_separator
+
+
+class SphinxProcessor(ProcessorMixin):
+    r"""
+    num_image_tokens (`int`):
+        Placeholder tokens per image: views × (2 boundary tokens + Q-Former queries + 257 fused tokens).
+    image_token (`str`):
+        The placeholder the tokenizer knows as a special token.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, num_image_tokens=1455, **kwargs):
+        self.num_image_tokens = num_image_tokens
+        self.image_token = getattr(tokenizer, "image_token", None) or "<image>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {self.image_token!r} token; add it as a special token first")
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        if videos is not None or audio is not None:
+            raise ValueError("SPHINX reads images and text; got videos or audio")
+        kwargs.pop("audios", None)
+        return super().__call__(images=images, text=text, **kwargs)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token * self.num_image_tokens
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        vision_data = {}
+        if image_sizes is not None:
+            vision_data["num_image_tokens"] = [self.num_image_tokens] * len(image_sizes)
+            vision_data["num_image_patches"] = [1] * len(image_sizes)
+        return MultiModalData(**vision_data)
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
+        """Decode generated ids and drop the turn separator (`\\n###`) that ends each answer."""
+        decoded = self.tokenizer.decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+        if isinstance(decoded, str):
+            return strip_separator(decoded)
+        return [strip_separator(text) for text in decoded]
+
+    def post_process_generation(self, text, image_sizes) -> GroundedText | list[GroundedText]:
+        """Parse boxes (`<p>phrase</p>[x1,y1,x2,y2;…]`) and points (`[x,y]`) of answers into image pixels.
+
+        `text` is one answer or a list; `image_sizes` gives `(height, width)` of each original image (one pair
+        for a single answer).
+        """
+        if isinstance(text, str):
+            return parse_grounding(strip_separator(text), tuple(image_sizes))
+        if len(text) != len(image_sizes):
+            raise ValueError(f"got {len(text)} answers but {len(image_sizes)} image sizes")
+        return [parse_grounding(strip_separator(t), tuple(size)) for t, size in zip(text, image_sizes)]
+
+    @property
+    def separator(self) -> str:
+        return SEPARATOR
+
+    def separator_token_ids(self) -> list[list[int]]:
+        """Token sequences of `\\n###` with and without SentencePiece's leading-space piece (as the original)."""
+        with_space = self.tokenizer.encode(SEPARATOR, add_special_tokens=False)
+        first_piece = self.tokenizer.convert_ids_to_tokens(with_space[:1])
+        without_space = with_space[1:] if first_piece == ["▁"] else with_space
+        return [with_space, without_space] if without_space != with_space else [with_space]
+
+
+__all__ = ["SphinxProcessor"]
