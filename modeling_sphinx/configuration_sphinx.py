@@ -114,14 +114,22 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 TINY_ENCODER_PRESETS: dict[str, dict[str, Any]] = {
-    "clip": {"architecture": "vit_large_patch14_clip_224", "model_args": {"embed_dim": 32, "depth": 1, "num_heads": 2}},
+    "clip": {
+        "architecture": "vit_large_patch14_clip_224",
+        "model_args": {"embed_dim": 32, "depth": 1, "num_heads": 2},
+    },
     "convnext": {"architecture": "convnext_xxlarge", "model_args": {"depths": [1, 1, 1, 1], "dims": [8, 8, 16, 16]}},
     "dinov2": {
         "architecture": "vit_giant_patch14_dinov2",
         "model_args": {"img_size": 224, "embed_dim": 24, "depth": 1, "num_heads": 2},
     },
     "qformer": {
-        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2},
+        "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
         "qformer_config": {
             "hidden_size": 32,
             "intermediate_size": 64,
@@ -280,6 +288,8 @@ class SphinxConfig(PreTrainedConfig):
     variant: str | None = None
     tie_word_embeddings: bool = False
 
+    patch_size = 14  # CLIP ViT-L/14, DINOv2 ViT-g/14 and EVA ViT-g/14 all use 14-px patches
+
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.crop_grid < 1:
@@ -287,7 +297,6 @@ class SphinxConfig(PreTrainedConfig):
         if self.view_size % self.patch_size:
             raise ValueError(f"view_size {self.view_size} is not a multiple of the {self.patch_size}-px patch")
 
-    patch_size = 14  # CLIP ViT-L/14, DINOv2 ViT-g/14 and EVA ViT-g/14 all use 14-px patches
 
     @property
     def num_views(self) -> int:
@@ -325,9 +334,13 @@ class SphinxConfig(PreTrainedConfig):
         if name not in SPHINX_VARIANTS:
             raise ValueError(f"unknown SPHINX variant {name!r}; known: {', '.join(SPHINX_VARIANTS)}")
         row = SPHINX_VARIANTS[name]
-        text_presets, encoder_presets = (TINY_TEXT_PRESETS, TINY_ENCODER_PRESETS) if tiny else (
-            TEXT_PRESETS,
-            ENCODER_PRESETS,
+        text_presets, encoder_presets = (
+            (TINY_TEXT_PRESETS, TINY_ENCODER_PRESETS)
+            if tiny
+            else (
+                TEXT_PRESETS,
+                ENCODER_PRESETS,
+            )
         )
         text_config = copy.deepcopy(text_presets[row["text"]])
         text_config.update(overrides.pop("text_config", {}))

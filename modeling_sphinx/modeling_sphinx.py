@@ -69,7 +69,9 @@ def resize_through_float16(images: torch.Tensor, size: int, mode: str) -> torch.
 
 def cut_crops(images: torch.Tensor, grid: int, size: int) -> list[torch.Tensor]:
     """The `grid x grid` crops of side `size`, row-major."""
-    return [images[..., y * size : (y + 1) * size, x * size : (x + 1) * size] for y in range(grid) for x in range(grid)]
+    return [
+        images[..., y * size : (y + 1) * size, x * size : (x + 1) * size] for y in range(grid) for x in range(grid)
+    ]
 
 
 def create_timm_encoder(config) -> nn.Module:
@@ -157,7 +159,8 @@ class SphinxModel(SphinxPreTrainedModel):
         self.qformer = SphinxQFormer(config.qformer_config) if config.qformer_config is not None else None
         if self.qformer is not None:
             self.qformer_proj = nn.Sequential(
-                nn.Linear(config.qformer_config.qformer_config.hidden_size, hidden_size), nn.LayerNorm(hidden_size, eps)
+                nn.Linear(config.qformer_config.qformer_config.hidden_size, hidden_size),
+                nn.LayerNorm(hidden_size, eps),
             )
         fused_width = sum(e.num_features for e in (self.clip, self.convnext, self.dinov2) if e is not None)
         self.visual_proj = nn.Sequential(nn.Linear(fused_width, hidden_size), nn.LayerNorm(hidden_size, eps))

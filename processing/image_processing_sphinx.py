@@ -152,7 +152,9 @@ class SphinxImageProcessorPil(PilBackend):
 
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs):
         image, input_data_format = _prepare(image, input_data_format)
-        return super().process_image(image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, **kwargs)
+        return super().process_image(
+            image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, **kwargs
+        )
 
     def _preprocess(
         self,

@@ -60,7 +60,7 @@ class SphinxProcessor(ProcessorMixin):
             return parse_grounding(strip_separator(text), tuple(image_sizes))
         if len(text) != len(image_sizes):
             raise ValueError(f"got {len(text)} answers but {len(image_sizes)} image sizes")
-        return [parse_grounding(strip_separator(t), tuple(size)) for t, size in zip(text, image_sizes)]
+        return [parse_grounding(strip_separator(t), tuple(size)) for t, size in zip(text, image_sizes, strict=True)]
 
     @property
     def separator(self) -> str:

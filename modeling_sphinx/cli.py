@@ -1,0 +1,117 @@
+"""`sphinx-mllm` command line: init, chat (convert, mix and push come with their issues)."""
+
+import argparse
+import sys
+
+from .configuration_sphinx import SPHINX_VARIANTS
+
+
+def _cmd_init(args):
+    from .build import init_model
+
+    out = init_model(args.variant, args.out, tiny=args.tiny, tokenizer_model=args.tokenizer, seed=args.seed)
+    print(f"wrote a random {'tiny ' if args.tiny else ''}{args.variant} model to {out}")
+
+
+def _draw(image_path: str, grounded, out_path: str):
+    from PIL import ImageDraw
+
+    from .processing.image_processing_sphinx import load_image_file, to_rgb
+
+    image = to_rgb(load_image_file(image_path))
+    draw = ImageDraw.Draw(image)
+    for entity in grounded.entities:
+        for box in entity.boxes:
+            draw.rectangle(box, outline=(255, 64, 0), width=max(1, min(image.size) // 150))
+            if entity.phrase:
+                draw.text((box[0] + 2, box[1] + 2), entity.phrase, fill=(255, 64, 0))
+        for x, y in entity.points:
+            radius = max(2, min(image.size) // 120)
+            draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=(0, 200, 255))
+    image.save(out_path)
+
+
+def _cmd_chat(args):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .processing.image_processing_sphinx import load_image_file
+
+    image = load_image_file(args.image)  # fails early, with the file named, on a bad image
+    processor = AutoProcessor.from_pretrained(args.model)
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=args.dtype, device_map=args.device_map)
+    model.eval()
+    messages = []
+
+    def answer(prompt: str) -> str:
+        content = [{"type": "text", "text": prompt}]
+        if not messages:
+            content.insert(0, {"type": "image", "image": image})
+        messages.append({"role": "user", "content": content})
+        inputs = processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        ).to(model.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        with torch.inference_mode():
+            generated = model.generate(**inputs, max_new_tokens=args.max_new_tokens)
+        text = processor.post_process_image_text_to_text(generated[0, inputs["input_ids"].shape[1] :])
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+        return text
+
+    prompts = [args.prompt] if args.prompt is not None else None
+    while True:
+        if prompts is None:
+            try:
+                prompt = input("human> ").strip()
+            except EOFError:
+                break
+            if not prompt:
+                break
+        elif prompts:
+            prompt = prompts.pop()
+        else:
+            break
+        text = answer(prompt)
+        print(text)
+        if args.draw:
+            grounded = processor.post_process_generation(text, (image.height, image.width))
+            _draw(args.image, grounded, args.draw)
+            print(f"drew {len(grounded.boxes)} boxes and {len(grounded.points)} points into {args.draw}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sphinx-mllm", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    init = commands.add_parser("init", help="write a randomly initialised model with its processor")
+    init.add_argument("out", help="output folder (must not exist or be empty)")
+    init.add_argument("--variant", default="sphinx-1k", choices=sorted(SPHINX_VARIANTS))
+    init.add_argument("--tiny", action="store_true", help="small widths, the same token geometry")
+    init.add_argument("--tokenizer", help="SentencePiece tokenizer.model (required for full-size models)")
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(func=_cmd_init)
+
+    chat = commands.add_parser("chat", help="answer a prompt about an image (interactive without --prompt)")
+    chat.add_argument("model", help="model folder or Hub id")
+    chat.add_argument("--image", required=True)
+    chat.add_argument("--prompt")
+    chat.add_argument("--draw", help="write the image with the parsed boxes and points to this PNG")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    chat.add_argument("--device-map", default=None, help='e.g. "auto" to spread the model over GPUs')
+    chat.set_defaults(func=_cmd_chat)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as error:
+        print(f"sphinx-mllm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

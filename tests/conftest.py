@@ -1,0 +1,36 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import modeling_sphinx  # noqa: E402,F401  (registers the Auto classes)
+from modeling_sphinx.build import init_model  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+IMAGES = SHARED / "fixtures" / "images"
+PARITY = SHARED / "parity"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A factory of tiny random model folders, one per variant for the whole session."""
+    made = {}
+
+    def make(variant: str = "sphinx-1k") -> Path:
+        if variant not in made:
+            made[variant] = init_model(variant, tmp_path_factory.mktemp("models") / variant, tiny=True)
+        return made[variant]
+
+    return make
+
+
+def image_message(text: str, image=None, path=None) -> list[dict]:
+    block = {"type": "image", "image": image} if image is not None else {"type": "image", "path": str(path)}
+    return [{"role": "user", "content": [block, {"type": "text", "text": text}]}]

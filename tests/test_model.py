@@ -1,0 +1,172 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+from modeling_sphinx import SphinxConfig, SphinxForConditionalGeneration, SphinxModel, SphinxProcessor
+
+from .conftest import IMAGES
+
+
+def _inputs(processor, texts_and_images):
+    texts = [t for t, _ in texts_and_images]
+    images = [i for _, i in texts_and_images]
+    return processor(text=texts, images=images, return_tensors="pt", padding=True)
+
+
+def test_auto_classes_resolve_to_sphinx(tiny_model_dir):
+    folder = tiny_model_dir("sphinx-1k")
+    assert isinstance(AutoConfig.from_pretrained(folder), SphinxConfig)
+    assert isinstance(AutoProcessor.from_pretrained(folder), SphinxProcessor)
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    assert isinstance(model, SphinxForConditionalGeneration)
+    assert isinstance(AutoModel.from_pretrained(folder), SphinxModel)
+    assert model.can_generate()
+
+
+def test_save_load_round_trip_gives_identical_logits(tiny_model_dir, tmp_path):
+    folder = tiny_model_dir("sphinx")
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    inputs = _inputs(processor, [("<image>What is it?", Image.open(IMAGES / "chelsea.png"))])
+    with torch.no_grad():
+        before = model(**inputs).logits
+    model.save_pretrained(tmp_path / "again")
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "again").eval()
+    with torch.no_grad():
+        after = reloaded(**inputs).logits
+    assert torch.equal(before, after)
+
+
+def test_frozen_encoders_get_no_gradients(tiny_model_dir):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir("sphinx"))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert not any(
+        name.startswith(("model.clip.", "model.dinov2.", "model.convnext.", "model.qformer.")) for name in trainable
+    )
+    assert {"model.start_img", "model.visual_proj.0.weight", "lm_head.weight"} <= trainable
+    model.train()
+    assert not model.model.clip.training and model.model.language_model.training
+
+
+@pytest.mark.parametrize("variant", ["sphinx-1k", "sphinx-tiny-1k"])
+def test_batched_generation_equals_one_by_one(tiny_model_dir, variant):
+    folder = tiny_model_dir(variant)
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    samples = [
+        ("<image>What is shown in this image? Please answer in detail.", Image.open(IMAGES / "rocket.jpg")),
+        ("<image>Describe it.", Image.open(IMAGES / "text.png")),
+        (
+            "<image>Count the objects, carefully and one by one, in this very wide picture.",
+            Image.open(IMAGES / "coffee.png"),
+        ),
+    ]
+    batch = _inputs(processor, samples)
+    assert processor.tokenizer.padding_side == "left"
+    assert (batch["attention_mask"][:, 0] == 0).any(), "prompts of different lengths must be padded"
+    batched = model.generate(**batch, max_new_tokens=6, separator_token_ids=[])
+    new_batched = batched[:, batch["input_ids"].shape[1] :]
+    for row, sample in enumerate(samples):
+        single = _inputs(processor, [sample])
+        alone = model.generate(**single, max_new_tokens=6, separator_token_ids=[])
+        assert alone[0, single["input_ids"].shape[1] :].tolist() == new_batched[row].tolist()
+
+
+def test_pixels_are_encoded_once_per_generate(tiny_model_dir):
+    folder = tiny_model_dir("sphinx")
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    calls = []
+    model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs.get("pixel_values") is not None), with_kwargs=True
+    )
+    inputs = _inputs(processor, [("<image>Hi", Image.open(IMAGES / "chelsea.png"))])
+    model.generate(**inputs, max_new_tokens=4, separator_token_ids=[])
+    assert calls == [True, False, False, False]
+
+
+def test_generation_stops_at_separator_tokens(tiny_model_dir):
+    folder = tiny_model_dir("sphinx")
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    assert model.generation_config.separator_token_ids == processor.separator_token_ids()
+    inputs = _inputs(processor, [("<image>Hi", Image.open(IMAGES / "chelsea.png"))])
+    free = model.generate(**inputs, max_new_tokens=12, separator_token_ids=[])[0, inputs["input_ids"].shape[1] :]
+    stop = free[2:4].tolist()  # pretend the separator is what this random model says at steps 2-3
+    stopped = model.generate(**inputs, max_new_tokens=12, separator_token_ids=[stop])[
+        0, inputs["input_ids"].shape[1] :
+    ]
+    first = next(i for i in range(len(free) - 1) if free[i : i + 2].tolist() == stop)
+    assert stopped.tolist() == free[: first + 2].tolist()
+
+
+def test_image_token_is_never_generated(tiny_model_dir):
+    folder = tiny_model_dir("sphinx")
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    with torch.no_grad():
+        model.lm_head.weight[processor.image_token_id] = 100.0  # make the placeholder the favourite
+    inputs = _inputs(processor, [("<image>Hi", Image.open(IMAGES / "chelsea.png"))])
+    out = model.generate(**inputs, max_new_tokens=3, separator_token_ids=[])[0, inputs["input_ids"].shape[1] :]
+    assert processor.image_token_id not in out.tolist()
+
+
+def test_mismatched_image_tokens_raise(tiny_model_dir):
+    folder = tiny_model_dir("sphinx")
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    config = model.config
+    ids = torch.tensor([[1] + [config.image_token_id] * (config.num_image_tokens - 1) + [5]])
+    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        model(input_ids=ids, pixel_values=torch.zeros(1, 3, config.image_size, config.image_size))
+    with pytest.raises(ValueError, match="image tokens but no pixel_values"):
+        model(input_ids=ids)
+    with pytest.raises(ValueError, match="pixel_values are 100x100 px but this model expects 224"):
+        model(input_ids=ids, pixel_values=torch.zeros(1, 3, 100, 100))
+
+
+def test_context_length_overflow_is_a_clear_error(tiny_model_dir):
+    folder = tiny_model_dir("sphinx-2k")
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    long_prompt = "<image>" + " word" * 2000
+    inputs = processor(text=long_prompt, images=Image.open(IMAGES / "chelsea.png"), return_tensors="pt")
+    with pytest.raises(ValueError, match=r"2910 of them visual tokens\) but the model's context length is 4096"):
+        model(**inputs)
+
+
+def test_remote_code_load_without_the_package(tiny_model_dir, tmp_path):
+    folder = tiny_model_dir("sphinx-tiny")
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    inputs = _inputs(processor, [("<image>What is it?", Image.open(IMAGES / "astronaut.png"))])
+    with torch.no_grad():
+        expected = model(**inputs).logits[0, -3:].tolist()
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.modules["modeling_sphinx"] = None  # make the package unimportable
+        import torch
+        from PIL import Image
+        from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+        model = AutoModelForImageTextToText.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        inputs = processor(text="<image>What is it?", images=Image.open({str(IMAGES / "astronaut.png")!r}), return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, -3:].tolist()
+        pipe = pipeline("image-text-to-text", model={str(folder)!r}, trust_remote_code=True)
+        out = pipe(text=[{{"role": "user", "content": [{{"type": "image", "path": {str(IMAGES / "astronaut.png")!r}}}, {{"type": "text", "text": "Hi"}}]}}], max_new_tokens=2)
+        print(json.dumps({{"logits": logits, "answer": out[0]["generated_text"][-1]["content"]}}))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert torch.allclose(torch.tensor(payload["logits"]), torch.tensor(expected), atol=1e-5)
+    assert isinstance(payload["answer"], str)

@@ -1,0 +1,57 @@
+import pytest
+from PIL import Image
+from transformers import pipeline
+
+from modeling_sphinx import SPHINX_VARIANTS
+from modeling_sphinx.cli import main
+
+from .conftest import IMAGES, image_message
+
+
+@pytest.mark.parametrize("variant", sorted(SPHINX_VARIANTS))
+def test_pipeline_answers_chat_with_image_for_every_variant(tiny_model_dir, variant):
+    pipe = pipeline("image-text-to-text", model=str(tiny_model_dir(variant)))
+    messages = image_message("What is shown in this image?", path=IMAGES / "rocket.jpg")
+    out = pipe(text=messages, max_new_tokens=3)
+    reply = out[0]["generated_text"][-1]
+    assert reply["role"] == "assistant" and isinstance(reply["content"], str)
+    only_new = pipe(text=messages, max_new_tokens=3, return_full_text=False)
+    assert only_new[0]["generated_text"] == reply["content"]
+
+
+def test_pipeline_batches_chats(tiny_model_dir):
+    pipe = pipeline("image-text-to-text", model=str(tiny_model_dir("sphinx")))
+    chats = [
+        image_message("What is it?", image=Image.open(IMAGES / "chelsea.png")),
+        image_message("Describe this page in detail please.", image=Image.open(IMAGES / "page.png")),
+    ]
+    batched = pipe(text=chats, max_new_tokens=3, batch_size=2, return_full_text=False)
+    single = [pipe(text=chat, max_new_tokens=3, return_full_text=False)[0] for chat in chats]
+    assert [b[0]["generated_text"] for b in batched] == [s["generated_text"] for s in single]
+
+
+def test_cli_init_and_chat(tmp_path, capsys):
+    out = tmp_path / "tiny"
+    assert main(["init", "--variant", "sphinx-tiny", "--tiny", str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "modeling_sphinx.py").is_file()
+    assert main(["init", "--variant", "sphinx-tiny", "--tiny", str(out)]) == 2  # refuses to overwrite
+    assert "exists and is not empty" in capsys.readouterr().err
+
+    drawing = tmp_path / "boxes.png"
+    code = main(
+        ["chat", str(out), "--image", str(IMAGES / "astronaut.png"), "--prompt", "Hi", "--max-new-tokens", "3"]
+        + ["--draw", str(drawing)]
+    )
+    assert code == 0
+    assert "boxes" in capsys.readouterr().out and Image.open(drawing).size == (512, 512)
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    assert main(["chat", str(out), "--image", str(bad), "--prompt", "Hi"]) == 2
+    assert f"cannot decode image file '{bad}'" in capsys.readouterr().err
+
+
+def test_cli_init_full_size_needs_tokenizer(tmp_path, capsys):
+    assert main(["init", "--variant", "sphinx", str(tmp_path / "big")]) == 2
+    assert "tokenizer.model" in capsys.readouterr().err
+    assert not (tmp_path / "big").exists()

@@ -1,0 +1,179 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from modeling_sphinx.processing.tasks_sphinx import SYSTEM_PROMPT, format_box
+from PIL import Image
+from transformers import AutoProcessor
+
+from modeling_sphinx import SphinxImageProcessor, SphinxImageProcessorPil
+
+from .conftest import IMAGES, image_message
+
+
+def original_prompt(turns: list[tuple[str, str | None]]) -> str:
+    """LLaMA2-Accessory conv_v1_2 rendering, written out from its definition."""
+    text = SYSTEM_PROMPT + "\n\n" + "###"
+    for question, answer in turns:
+        text += " Human: " + question + "\n" + "###"
+        text += " Assistant:" if answer is None else " Assistant: " + answer + "\n" + "###"
+    return text
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    return AutoProcessor.from_pretrained(tiny_model_dir("sphinx-1k"))
+
+
+def test_chat_template_is_byte_exact(processor):
+    single = image_message("What is shown in this image?", path=IMAGES / "astronaut.png")
+    rendered = processor.apply_chat_template(single, add_generation_prompt=True)
+    assert rendered == "<s><image>" + original_prompt([("What is shown in this image?", None)])
+
+    multi = single + [
+        {"role": "assistant", "content": [{"type": "text", "text": "An astronaut."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Where is the flag?"}]},
+    ]
+    rendered = processor.apply_chat_template(multi, add_generation_prompt=True)
+    expected = original_prompt([("What is shown in this image?", "An astronaut."), ("Where is the flag?", None)])
+    assert rendered == "<s><image>" + expected
+
+    text_only = [{"role": "user", "content": "Hello"}]
+    assert (
+        processor.apply_chat_template(text_only)
+        == "<s>" + original_prompt([("Hello", "")])[: -len(" Assistant: \n###")]
+    )
+
+
+def test_custom_system_prompt_and_bad_role(processor):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert processor.apply_chat_template(messages) == "<s>Be brief.\n\n### Human: Hi\n###"
+    with pytest.raises(Exception, match="got role tool"):
+        processor.apply_chat_template([{"role": "tool", "content": "x"}])
+
+
+def test_assistant_mask_covers_answer_and_separator(processor):
+    messages = image_message("What is it?", path=IMAGES / "chelsea.png") + [
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}
+    ]
+    out = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True
+    )
+    ids = out["input_ids"][0]
+    mask = out["assistant_masks"][0].bool()
+    supervised = processor.tokenizer.decode(ids[mask])
+    assert supervised.strip() == "A cat.\n###"
+    assert (ids == processor.image_token_id).sum() == processor.num_image_tokens
+    assert ids[0] == processor.tokenizer.bos_token_id and ids[1] == processor.image_token_id
+
+
+def test_image_placeholder_expansion_right_after_bos(processor):
+    out = processor(text="<image>A chat", images=Image.open(IMAGES / "coffee.png"), return_tensors="pt")
+    ids = out["input_ids"][0].tolist()
+    n = processor.num_image_tokens
+    assert ids[0] == processor.tokenizer.bos_token_id
+    assert ids[1 : 1 + n] == [processor.image_token_id] * n
+    # the text after the placeholders is tokenised like the start of a prompt (SentencePiece dummy prefix)
+    assert ids[1 + n :] == processor.tokenizer("A chat", add_special_tokens=False)["input_ids"]
+    assert out["pixel_values"].shape == (1, 3, 448, 448)
+
+
+def test_image_count_must_match_placeholders(processor):
+    image = Image.open(IMAGES / "coffee.png")
+    with pytest.raises(ValueError, match="Found total 2 <image> tokens and 1 images"):
+        processor(text="<image><image>Hi", images=image)
+    with pytest.raises(ValueError, match="Found total 0 <image> tokens and 1 images"):
+        processor(text="Hi", images=image)
+    with pytest.raises(ValueError, match="no images were passed"):
+        processor(text="<image>Hi")
+    with pytest.raises(ValueError, match="videos or audio"):
+        processor(text="Hi", videos=[np.zeros((2, 8, 8, 3), np.uint8)])
+    assert "pixel_values" not in processor(text="Hi", videos=None, audios=None)
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("backend", [SphinxImageProcessor, SphinxImageProcessorPil])
+def test_unusual_images_are_converted(backend, tmp_path):
+    image_processor = backend(size={"height": 224, "width": 224})
+    rgb = Image.open(IMAGES / "chelsea.png").convert("RGB")
+    sixteen_bit = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+    assert sixteen_bit.mode.startswith("I;16")
+    cases = {
+        "1x1": Image.new("RGB", (1, 1), (255, 0, 0)),
+        "1x10000": Image.new("RGB", (1, 10000), (0, 255, 0)),
+        "10000x1": Image.new("RGB", (10000, 1), (0, 255, 0)),
+        "rgba": rgb.convert("RGBA"),
+        "cmyk": rgb.convert("CMYK"),
+        "greyscale": rgb.convert("L"),
+        "palette": rgb.convert("P"),
+        "16-bit": sixteen_bit,
+        "numpy-hwc": np.asarray(rgb),
+        "numpy-1xW": np.zeros((1, 50, 3), dtype=np.uint8),
+    }
+    for name, image in cases.items():
+        pixels = image_processor(image, return_tensors="pt")["pixel_values"]
+        assert pixels.shape == (1, 3, 224, 224), name
+        assert torch.isfinite(pixels).all(), name
+    grey = image_processor(rgb.convert("L"), return_tensors="pt")["pixel_values"]
+    deep = image_processor(sixteen_bit, return_tensors="pt")["pixel_values"]
+    assert (grey - deep).abs().max() < 0.02  # 16-bit scaled to the same 8-bit levels
+
+
+@pytest.mark.parametrize("backend", [SphinxImageProcessor, SphinxImageProcessorPil])
+def test_corrupt_and_truncated_files_name_the_file(backend, tmp_path):
+    image_processor = backend(size={"height": 224, "width": 224})
+    png = _encode(Image.open(IMAGES / "chelsea.png"), "PNG")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(png[: len(png) // 2])
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"this is not an image at all")
+    for path in (truncated, garbage):
+        with pytest.raises(ValueError, match=f"cannot decode image file '{path}'"):
+            image_processor(str(path))
+    with pytest.raises(ValueError, match="does not exist"):
+        image_processor(str(tmp_path / "missing.png"))
+    lazily_opened = Image.open(truncated)
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        image_processor(lazily_opened)
+
+
+def test_pil_backend_matches_original_padding_and_resize(tmp_path):
+    """Pad with (122,116,104) centred, Pillow bicubic: the original `padded_resize`, pixel for pixel."""
+    image = Image.open(IMAGES / "text.png").convert("RGB")
+    side = max(image.size)
+    canvas = Image.new("RGB", (side, side), (122, 116, 104))
+    canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    expected = np.asarray(canvas.resize((448, 448), Image.BICUBIC), dtype=np.float32) / 255.0
+    mean = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+    std = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+    expected = ((expected - mean) / std).transpose(2, 0, 1)
+    pixels = SphinxImageProcessorPil(size={"height": 448, "width": 448})(image, return_tensors="pt")["pixel_values"]
+    assert np.abs(pixels[0].numpy() - expected).max() < 1e-5
+    torchvision = SphinxImageProcessor(size={"height": 448, "width": 448})(image, return_tensors="pt")["pixel_values"]
+    assert (torchvision - pixels).abs().max() < 3 / 255 / 0.26  # within a few 8-bit levels
+
+
+def test_grounding_parse_to_pixels(processor):
+    height, width = 300, 600  # landscape: padded square of side 600, 150 rows above
+    answer = "There is <p>a cat</p>[0.10,0.25,0.50,0.75;0.6,0.3,0.9,0.7] and a point [0.5,0.5].\n###"
+    grounded = processor.post_process_generation(answer, (height, width))
+    assert grounded.text == "There is a cat[0.10,0.25,0.50,0.75;0.6,0.3,0.9,0.7] and a point [0.5,0.5]."
+    cat, point = grounded.entities
+    assert cat.phrase == "a cat"
+    assert cat.boxes == [pytest.approx([60.0, 0.0, 300.0, 300.0]), pytest.approx([360.0, 30.0, 540.0, 270.0])]
+    assert point.phrase is None and point.points == [pytest.approx([300.0, 150.0])]
+    assert format_box([60.0, 0.0, 300.0, 300.0], (height, width)) == "[0.10,0.25,0.50,0.75]"
+    many = processor.post_process_generation(["[0.1,0.1,0.2,0.2]", "nothing"], [(10, 10), (20, 20)])
+    assert many[0].boxes == [pytest.approx([1.0, 1.0, 2.0, 2.0])] and many[1].entities == []
+
+
+def test_post_process_strips_separator(processor):
+    ids = processor.tokenizer("An answer.\n###", add_special_tokens=False)["input_ids"]
+    assert processor.post_process_image_text_to_text(ids) == "An answer."
+    assert processor.post_process_image_text_to_text([ids, ids[:2]])[0] == "An answer."
