@@ -297,7 +297,6 @@ class SphinxConfig(PreTrainedConfig):
         if self.view_size % self.patch_size:
             raise ValueError(f"view_size {self.view_size} is not a multiple of the {self.patch_size}-px patch")
 
-
     @property
     def num_views(self) -> int:
         return 1 if self.crop_grid == 1 else 1 + self.crop_grid**2
