@@ -1,4 +1,4 @@
-"""`sphinx-mllm` command line: init, chat (convert, mix and push come with their issues)."""
+"""`sphinx-mllm` command line: init, chat, convert."""
 
 import argparse
 import sys
@@ -11,6 +11,20 @@ def _cmd_init(args):
 
     out = init_model(args.variant, args.out, tiny=args.tiny, tokenizer_model=args.tokenizer, seed=args.seed)
     print(f"wrote a random {'tiny ' if args.tiny else ''}{args.variant} model to {out}")
+
+
+def _cmd_convert(args):
+    from .convert import convert_checkpoint
+
+    out = convert_checkpoint(
+        args.src,
+        args.out,
+        dtype=args.dtype,
+        verify=args.verify,
+        max_shard_size=args.max_shard_size,
+        encoder_sizes=args.encoder_sizes,
+    )
+    print(f"converted {args.src} to {out}" + (" (verified)" if args.verify else ""))
 
 
 def _draw(image_path: str, grounded, out_path: str):
@@ -100,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     chat.add_argument("--device-map", default=None, help='e.g. "auto" to spread the model over GPUs')
     chat.set_defaults(func=_cmd_chat)
+    convert = commands.add_parser("convert", help="original LLaMA2-Accessory checkpoint folder → HF folder")
+    convert.add_argument(
+        "src", help="folder with consolidated.XX-of-NN.model.pth, config.json, meta.json, tokenizer.model"
+    )
+    convert.add_argument("out", help="output folder (must not exist or be empty)")
+    convert.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    convert.add_argument("--verify", action="store_true", help="reload, compare every tensor, run one forward")
+    convert.add_argument("--max-shard-size", default="5GB")
+    convert.add_argument("--encoder-sizes", help="JSON of non-released encoder sizes, in the original's terms")
+    convert.set_defaults(func=_cmd_convert)
     return parser
 
 

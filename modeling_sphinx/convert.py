@@ -85,10 +85,20 @@ KEY_RULES: tuple[KeyRule, ...] = (
     KeyRule(r"clip\.visual\.ln_post\.(weight|bias)", r"model.clip.norm.\1"),
     KeyRule(r"clip\.visual\.transformer\.resblocks\.(\d+)\.ln_1\.(weight|bias)", r"model.clip.blocks.\1.norm1.\2"),
     KeyRule(r"clip\.visual\.transformer\.resblocks\.(\d+)\.ln_2\.(weight|bias)", r"model.clip.blocks.\1.norm2.\2"),
-    KeyRule(r"clip\.visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", r"model.clip.blocks.\1.attn.qkv.\2"),
-    KeyRule(r"clip\.visual\.transformer\.resblocks\.(\d+)\.attn\.out_proj\.(weight|bias)", r"model.clip.blocks.\1.attn.proj.\2"),
-    KeyRule(r"clip\.visual\.transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"model.clip.blocks.\1.mlp.fc1.\2"),
-    KeyRule(r"clip\.visual\.transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"model.clip.blocks.\1.mlp.fc2.\2"),
+    KeyRule(
+        r"clip\.visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)",
+        r"model.clip.blocks.\1.attn.qkv.\2",
+    ),
+    KeyRule(
+        r"clip\.visual\.transformer\.resblocks\.(\d+)\.attn\.out_proj\.(weight|bias)",
+        r"model.clip.blocks.\1.attn.proj.\2",
+    ),
+    KeyRule(
+        r"clip\.visual\.transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"model.clip.blocks.\1.mlp.fc1.\2"
+    ),
+    KeyRule(
+        r"clip\.visual\.transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"model.clip.blocks.\1.mlp.fc2.\2"
+    ),
     KeyRule(r"openclip_convnext_xxl\.(.+)", r"model.convnext.\1"),
     KeyRule(r"dinov2_vitg14\.pos_embed", "model.dinov2.pos_embed", transform="dinov2_pos_embed"),
     KeyRule(r"dinov2_vitg14\.blocks\.(\d+)\.mlp\.w12\.(weight|bias)", r"model.dinov2.blocks.\1.mlp.fc1.\2"),
@@ -159,7 +169,9 @@ def encoder_overrides(encoder_sizes: dict, encoders) -> dict:
     known = {"llm", "clip_ViT-L-14", "openclip_convnext_xxlarge", "timm_convnext_xxlarge", "dinov2_vit_giant2"}
     unknown = set(encoder_sizes) - known - {"blip2", "feature_widths"}
     if unknown:
-        raise ConversionError(f"encoder sizes: unknown keys {sorted(unknown)}; known: {sorted(known | {'blip2', 'feature_widths'})}")
+        raise ConversionError(
+            f"encoder sizes: unknown keys {sorted(unknown)}; known: {sorted(known | {'blip2', 'feature_widths'})}"
+        )
     overrides = {}
     if "clip" in encoders and "clip_ViT-L-14" in encoder_sizes:
         vision = encoder_sizes["clip_ViT-L-14"].get("vision_cfg", {})
@@ -310,7 +322,8 @@ def _shard_paths(folder: Path) -> list[Path]:
     extra = sorted(set(found) - set(range(count)))
     if missing or extra:
         raise ConversionError(
-            f"{folder}: the names say {count} shards; missing ranks {missing}" + (f", unexpected ranks {extra}" if extra else "")
+            f"{folder}: the names say {count} shards; missing ranks {missing}"
+            + (f", unexpected ranks {extra}" if extra else "")
         )
     return [found[rank] for rank in range(count)]
 
@@ -320,7 +333,9 @@ def _load_shard(path: Path) -> dict[str, torch.Tensor]:
         zipfile.ZipFile(path).close()  # a truncated .pth fails here with a clear cause
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (zipfile.BadZipFile, RuntimeError, OSError, EOFError) as error:
-        raise ConversionError(f"{path}: cannot read the shard (truncated or not a torch checkpoint): {error}") from error
+        raise ConversionError(
+            f"{path}: cannot read the shard (truncated or not a torch checkpoint): {error}"
+        ) from error
     state = loaded.get("model", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict):
         raise ConversionError(f"{path}: expected a dict with a 'model' state dict")
@@ -352,7 +367,9 @@ def variant_of(llama_type: str) -> str:
     return next(name for name, row in SPHINX_VARIANTS.items() if row["llama_type"] == llama_type)
 
 
-def sphinx_config_from_original(original: OriginalCheckpoint, vocab_size: int, encoder_sizes: dict | None) -> SphinxConfig:
+def sphinx_config_from_original(
+    original: OriginalCheckpoint, vocab_size: int, encoder_sizes: dict | None
+) -> SphinxConfig:
     variant = variant_of(original.llama_type)
     encoder_sizes = encoder_sizes or {}
     text = text_config_from_original(original.params, original.llama_type, vocab_size)
@@ -380,7 +397,9 @@ def _plan(original: OriginalCheckpoint) -> dict[str, list[tuple[str, KeyRule]]]:
         ours, rule = matched
         plan.setdefault(ours, []).append((key, rule))
     if unknown:
-        raise ConversionError(f"{original.folder}: unexpected keys (not part of {original.llama_type}): {sorted(unknown)}")
+        raise ConversionError(
+            f"{original.folder}: unexpected keys (not part of {original.llama_type}): {sorted(unknown)}"
+        )
     return {ours: sorted(sources, key=lambda s: s[1].part) for ours, sources in plan.items()}
 
 
@@ -460,8 +479,13 @@ def convert_checkpoint(
     config = sphinx_config_from_original(original, base_vocab, encoder_sizes)
     config.dtype = DTYPES[dtype]
     plan = _plan(original)
-    with torch.device("meta"):
-        skeleton = SphinxForConditionalGeneration(config)
+    try:
+        with torch.device("meta"):
+            skeleton = SphinxForConditionalGeneration(config)
+    except (AssertionError, ValueError, RuntimeError) as error:
+        raise ConversionError(
+            f"{original.folder}: config.json and the encoder sizes do not make a valid model: {error}"
+        ) from error
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     missing = sorted(set(expected) - set(plan))
     if missing:
@@ -547,7 +571,11 @@ def write_original_checkpoint(model: SphinxForConditionalGeneration, folder: str
         "rope_scaling": None,
     }
     if experts:
-        params.update(hidden_dim=text.intermediate_size, head_dim=text.head_dim, moe={"num_experts": experts, "num_experts_per_tok": text.num_experts_per_tok})
+        params.update(
+            hidden_dim=text.intermediate_size,
+            head_dim=text.head_dim,
+            moe={"num_experts": experts, "num_experts_per_tok": text.num_experts_per_tok},
+        )
     (folder / "config.json").write_text(json.dumps(params, indent=2))
     (folder / "meta.json").write_text(json.dumps({"llama_type": SPHINX_VARIANTS[config.variant]["llama_type"]}))
 
