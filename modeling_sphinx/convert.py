@@ -274,22 +274,33 @@ def _transform(name: str | None, parts: list[torch.Tensor], config: SphinxConfig
     raise KeyError(name)
 
 
+REMAP_AFTER_BYTES = 256 * 2**20
+
+
 @dataclass
 class OriginalCheckpoint:
     folder: Path
     llama_type: str
     params: dict
+    shard_paths: list[Path]
     shards: list[dict[str, torch.Tensor]]
+    touched_bytes: int = 0
 
     def merged(self, key: str, split: str, num_experts: int) -> torch.Tensor:
+        """The whole tensor of an original key (a new tensor), merged from the shards by its split rule."""
         pieces = [shard[key] for shard in self.shards]
+        self.touched_bytes += sum(p.numel() * p.element_size() for p in pieces)
+        if self.touched_bytes > REMAP_AFTER_BYTES:
+            # pages read through the memory maps stay resident until the files are unmapped: map them anew
+            self.shards = [_load_shard(path) for path in self.shard_paths]
+            self.touched_bytes = 0
         if split == REPLICATED:
             for rank, piece in enumerate(pieces[1:], start=1):
                 if piece.shape != pieces[0].shape or not torch.equal(piece, pieces[0]):
                     raise ConversionError(
                         f"{self.folder}: replicated tensor {key!r} differs between shard 0 and shard {rank}"
                     )
-            return pieces[0]
+            return pieces[0].clone()
         if split == EXPERTS:  # each rank holds every expert's slice of the hidden width, expert-major
             return torch.cat([p.reshape(num_experts, -1, p.shape[-1]) for p in pieces], dim=1)
         return torch.cat(pieces, dim=SPLIT_DIM[split])
@@ -352,7 +363,8 @@ def read_original(folder: str | Path) -> OriginalCheckpoint:
         known = sorted({row["llama_type"] for row in SPHINX_VARIANTS.values()})
         raise ConversionError(f"{folder}/meta.json: unknown llama_type {llama_type!r}; known: {known}")
     params = _read_json(folder / "config.json")
-    shards = [_load_shard(path) for path in _shard_paths(folder)]
+    paths = _shard_paths(folder)
+    shards = [_load_shard(path) for path in paths]
     reference = set(shards[0])
     for rank, shard in enumerate(shards[1:], start=1):
         if set(shard) != reference:
@@ -360,7 +372,7 @@ def read_original(folder: str | Path) -> OriginalCheckpoint:
                 f"{folder}: shard {rank} has different keys than shard 0: "
                 f"only in shard 0 {sorted(reference - set(shard))[:10]}, only in shard {rank} {sorted(set(shard) - reference)[:10]}"
             )
-    return OriginalCheckpoint(folder, llama_type, params, shards)
+    return OriginalCheckpoint(folder, llama_type, params, paths, shards)
 
 
 def variant_of(llama_type: str) -> str:
