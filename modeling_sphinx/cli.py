@@ -1,4 +1,4 @@
-"""`sphinx-mllm` command line: init, chat, convert."""
+"""`sphinx-mllm` command line: init, chat, convert, mix."""
 
 import argparse
 import sys
@@ -25,6 +25,13 @@ def _cmd_convert(args):
         encoder_sizes=args.encoder_sizes,
     )
     print(f"converted {args.src} to {out}" + (" (verified)" if args.verify else ""))
+
+
+def _cmd_mix(args):
+    from .mixing import mix
+
+    out = mix(args.recipe, args.out, max_shard_size=args.max_shard_size)
+    print(f"mixed {args.recipe} into {out}")
 
 
 def _draw(image_path: str, grounded, out_path: str):
@@ -124,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-shard-size", default="5GB")
     convert.add_argument("--encoder-sizes", help="JSON of non-released encoder sizes, in the original's terms")
     convert.set_defaults(func=_cmd_convert)
+
+    mix = commands.add_parser("mix", help="mix checkpoints from a mergekit-style YAML recipe")
+    mix.add_argument("recipe", help="recipe YAML (model paths relative to it)")
+    mix.add_argument("out", help="output folder (must not exist or be empty)")
+    mix.add_argument("--max-shard-size", default="2GB")
+    mix.set_defaults(func=_cmd_mix)
     return parser
 
 

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from transformers.dynamic_module_utils import custom_object_save
 
 from .build import atomic_output_dir, build_generation_config, build_processor
 from .configuration_sphinx import ENCODER_PRESETS, SPHINX_VARIANTS, SphinxConfig
 from .modeling_sphinx import SphinxForConditionalGeneration
+from .shards import ShardWriter, parse_size
 from .tokenizer import tokenizer_from_sentencepiece
 
 COLUMN, ROW, EMBEDDING, EXPERTS, REPLICATED = "column", "row", "embedding", "experts", "replicated"
@@ -413,56 +413,6 @@ def _plan(original: OriginalCheckpoint) -> dict[str, list[tuple[str, KeyRule]]]:
             f"{original.folder}: unexpected keys (not part of {original.llama_type}): {sorted(unknown)}"
         )
     return {ours: sorted(sources, key=lambda s: s[1].part) for ours, sources in plan.items()}
-
-
-def parse_size(size: str | int) -> int:
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", size.upper())
-    if match is None:
-        raise ConversionError(f"cannot read the size {size!r} (use e.g. 500MB or 5GB)")
-    return int(float(match.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[match.group(2)])
-
-
-class ShardWriter:
-    """Collects tensors and writes safetensors shards of at most `max_bytes` (a larger tensor gets its own)."""
-
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.files: list[tuple[str, list[str]]] = []
-        self.total = 0
-
-    def add(self, key: str, tensor: torch.Tensor):
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        self.pending[key] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total += size
-
-    def flush(self):
-        if not self.pending:
-            return
-        name = f"part-{len(self.files):05d}.safetensors"
-        save_file(self.pending, self.folder / name, metadata={"format": "pt"})
-        self.files.append((name, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self):
-        self.flush()
-        count = len(self.files)
-        if count == 1:
-            (self.folder / self.files[0][0]).rename(self.folder / "model.safetensors")
-            return
-        weight_map = {}
-        for index, (name, keys) in enumerate(self.files, start=1):
-            final = f"model-{index:05d}-of-{count:05d}.safetensors"
-            (self.folder / name).rename(self.folder / final)
-            weight_map.update(dict.fromkeys(keys, final))
-        index_data = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index_data, indent=2) + "\n")
 
 
 def _produce(original, plan, ours, config):

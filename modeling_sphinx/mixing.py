@@ -1,0 +1,540 @@
+"""Weight mixing of SPHINX checkpoints from mergekit-style YAML recipes, streamed tensor by tensor.
+
+SPHINX mixes an LLM tuned on real-world data with one tuned on synthetic data, θ = β·θ_real + (1−β)·θ_syn over
+the LLM parameters: that is `merge_method: linear` with weights β and 1−β (see `recipes/mix/`). The recipe
+format is mergekit's:
+
+```yaml
+merge_method: ties            # one of METHODS
+base_model: path/to/base      # needed by the task-vector methods and slerp
+models:
+  - model: path/to/a
+    parameters: {weight: 0.5, density: 0.5}
+parameters: {normalize: true} # defaults for every model; per-model parameters win
+dtype: float32                # computation dtype (float32 or float64)
+out_dtype: bfloat16           # output dtype (default: each tensor's dtype in the base model)
+random_seed: 0                # DARE's random masks
+mixed_tensors: ['^model\\.language_model\\.', '^lm_head\\.']  # SPHINX: which tensors are mixed
+```
+
+A parameter value is a number, a list of numbers (a gradient over the decoder layers: anchors spread evenly
+from the first layer to the last, linearly interpolated; tensors before the layers take the first anchor,
+those after them the last), or a list of `{filter: substring, value: ...}` entries where the first entry whose
+filter occurs in the tensor name wins and an entry without `filter` is the default.
+
+Tensors not matched by `mixed_tensors` (by default the vision encoders, the projections and the start/end
+embeddings) are copied from the base model, or the first model without one. Every tensor of the inputs is in
+the output; this is checked before the output is published.
+
+Semantics per tensor, computed in `dtype` (τ_i = θ_i − θ_base are task vectors, w_i weights, λ `lambda`):
+
+- `linear`: Σ w_i θ_i (accumulated in model order), divided by Σ w_i when `normalize` (default true).
+- `slerp`: spherical interpolation between the base (t = 0) and the other model (t = 1) of the flattened
+  tensors: with cos Ω the cosine of the two normalised vectors, s0 = sin((1−t)Ω)/sin Ω, s1 = sin(tΩ)/sin Ω and
+  θ = s0·θ_base + s1·θ_other; linear interpolation when |cos Ω| > 0.9995.
+- `task_arithmetic`: θ_base + λ Σ w_i τ_i (divided by Σ w_i when `normalize`, default false).
+- `ties` (TIES-Merging): each τ_i keeps its `density` fraction of largest-magnitude entries (those at least
+  the k-th largest |τ_i|, k = ⌊density·n⌋; a selection, not a sort); the elected sign is sign(Σ w_i τ_i);
+  θ = θ_base + λ Σ w_i τ_i [sign τ_i = elected] / Σ w_i [sign τ_i = elected] (the division when `normalize`,
+  default true; positions where no model agrees keep the base).
+- `dare_ties`: as `ties`, but each τ_i keeps a random `density` fraction (Bernoulli, seeded by `random_seed`,
+  the tensor name and the model) rescaled by 1/density when `rescale` (default true).
+- `dare_linear`: the DARE-sparsified task vectors combined as `task_arithmetic` (`normalize` default true).
+- `breadcrumbs`: each τ_i drops its `gamma` fraction of largest-magnitude entries and keeps the next `density`
+  fraction; combined as `task_arithmetic` (`normalize` default true).
+- `model_stock`: with cos θ the mean pairwise cosine of the task vectors and k models,
+  t = k·cos θ / (1 + (k−1)·cos θ) and θ = t·mean(θ_i) + (1 − t)·θ_base (needs two or more models).
+"""
+
+import difflib
+import json
+import math
+import re
+import shutil
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from .build import atomic_output_dir
+from .shards import LazyCheckpoint, ShardWriter, parse_size
+
+
+class RecipeError(ValueError):
+    """A recipe or an input that cannot be mixed; the message names the model, tensor or parameter."""
+
+
+@dataclass(frozen=True)
+class Method:
+    parameters: dict[str, float | bool | None]  # name → default (None: required)
+    needs_base: bool
+    uses_weights: bool = True
+    min_models: int = 1
+
+
+METHODS: dict[str, Method] = {
+    "linear": Method({"weight": None, "normalize": True}, needs_base=False),
+    "slerp": Method({"t": None}, needs_base=True, uses_weights=False),
+    "task_arithmetic": Method({"weight": None, "normalize": False, "lambda": 1.0}, needs_base=True),
+    "ties": Method({"weight": None, "density": 1.0, "normalize": True, "lambda": 1.0}, needs_base=True),
+    "dare_ties": Method(
+        {"weight": None, "density": 1.0, "normalize": True, "lambda": 1.0, "rescale": True}, needs_base=True
+    ),
+    "dare_linear": Method(
+        {"weight": None, "density": 1.0, "normalize": True, "lambda": 1.0, "rescale": True}, needs_base=True
+    ),
+    "breadcrumbs": Method(
+        {"weight": None, "density": 0.9, "gamma": 0.01, "normalize": True, "lambda": 1.0}, needs_base=True
+    ),
+    "model_stock": Method({}, needs_base=True, uses_weights=False, min_models=2),
+}
+RECIPE_KEYS = {
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "random_seed",
+    "mixed_tensors",
+}
+DEFAULT_MIXED = [r"^model\.language_model\.", r"^lm_head\."]
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# config fields that must agree for checkpoints to be mixed
+ARCHITECTURE_FIELDS = (
+    "model_type",
+    "image_size",
+    "view_size",
+    "crop_grid",
+    "convnext_view_size",
+    "image_token_id",
+    "clip_config",
+    "convnext_config",
+    "dinov2_config",
+    "qformer_config",
+)
+TEXT_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "num_local_experts",
+)
+WEIGHT_FILES = re.compile(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
+
+
+def _suggest(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+@dataclass
+class Recipe:
+    merge_method: str
+    models: list[tuple[Path, dict]]
+    base_model: Path | None = None
+    parameters: dict = field(default_factory=dict)
+    dtype: str = "float32"
+    out_dtype: str | None = None
+    random_seed: int = 0
+    mixed_tensors: list[str] = field(default_factory=lambda: list(DEFAULT_MIXED))
+    source: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, recipe: "str | Path | dict") -> "Recipe":
+        """Parse and check a recipe (a YAML file or a dict); relative model paths are relative to the file."""
+        root = Path.cwd()
+        if isinstance(recipe, (str, Path)):
+            path = Path(recipe)
+            if not path.is_file():
+                raise RecipeError(f"recipe file {str(path)!r} does not exist")
+            root = path.parent
+            try:
+                recipe = yaml.safe_load(path.read_text())
+            except yaml.YAMLError as error:
+                raise RecipeError(f"{path}: not valid YAML: {error}") from error
+        if not isinstance(recipe, dict):
+            raise RecipeError("a recipe is a mapping with merge_method, models and parameters")
+        for key in recipe:
+            if key not in RECIPE_KEYS:
+                raise RecipeError(f"unknown recipe key {key!r}{_suggest(key, RECIPE_KEYS)}")
+        method = recipe.get("merge_method")
+        if method not in METHODS:
+            raise RecipeError(
+                f"unknown merge_method {method!r}{_suggest(str(method), METHODS)}; known: {sorted(METHODS)}"
+            )
+        spec = METHODS[method]
+
+        def resolve(p):
+            p = Path(p)
+            return p if p.is_absolute() else (root / p)
+
+        models = []
+        for entry in recipe.get("models") or []:
+            if not isinstance(entry, dict) or "model" not in entry:
+                raise RecipeError(f"each models entry needs a 'model' path, got {entry!r}")
+            extra = set(entry) - {"model", "parameters"}
+            if extra:
+                raise RecipeError(f"unknown key {sorted(extra)[0]!r} in the entry of model {entry['model']}")
+            params = entry.get("parameters") or {}
+            _check_parameter_names(params, spec, method, f"model {entry['model']}")
+            models.append((resolve(entry["model"]), params))
+        parameters = recipe.get("parameters") or {}
+        _check_parameter_names(parameters, spec, method, "the global parameters")
+        base = resolve(recipe["base_model"]) if recipe.get("base_model") else None
+        if spec.needs_base and base is None:
+            raise RecipeError(f"merge_method {method} needs a base_model")
+        if not models:
+            raise RecipeError("the recipe lists no models")
+        for key in ("dtype", "out_dtype"):
+            value = recipe.get(key)
+            if value is not None and value not in DTYPES:
+                raise RecipeError(f"{key} must be one of {sorted(DTYPES)}, got {value!r}")
+        if recipe.get("dtype") in ("bfloat16", "float16"):
+            raise RecipeError("dtype is the computation dtype: use float32 or float64 (out_dtype sets the output)")
+        mixed = recipe.get("mixed_tensors", DEFAULT_MIXED)
+        for pattern in mixed:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise RecipeError(f"mixed_tensors: {pattern!r} is not a valid regular expression: {error}") from error
+        return cls(
+            merge_method=method,
+            models=models,
+            base_model=base,
+            parameters=parameters,
+            dtype=recipe.get("dtype") or "float32",
+            out_dtype=recipe.get("out_dtype"),
+            random_seed=int(recipe.get("random_seed", 0)),
+            mixed_tensors=list(mixed),
+            source=recipe,
+        )
+
+
+def _check_parameter_names(params: dict, spec: Method, method: str, where: str):
+    if not isinstance(params, dict):
+        raise RecipeError(f"parameters of {where} must be a mapping, got {params!r}")
+    for name in params:
+        if name not in spec.parameters:
+            known = sorted(spec.parameters) or ["(none)"]
+            raise RecipeError(
+                f"unknown parameter {name!r} for {method} in {where}{_suggest(name, spec.parameters)}; known: {known}"
+            )
+
+
+def _layer_position(name: str, num_layers: int) -> float:
+    match = re.search(r"\.layers\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) / max(num_layers - 1, 1)
+    return 1.0 if re.search(r"(^lm_head\.|\.norm\.weight$)", name) else 0.0
+
+
+def resolve_value(value, name: str, num_layers: int):
+    """A parameter value for one tensor: filters first, then gradients over the layers."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for entry in value:
+            if "filter" not in entry or entry["filter"] in name:
+                return resolve_value(entry.get("value"), name, num_layers)
+        return None
+    if isinstance(value, list):
+        if not value:
+            raise RecipeError("an empty list is not a parameter value")
+        if len(value) == 1:
+            return float(value[0])
+        position = _layer_position(name, num_layers) * (len(value) - 1)
+        low = min(int(math.floor(position)), len(value) - 2)
+        return float(value[low] + (value[low + 1] - value[low]) * (position - low))
+    return value
+
+
+def _params_for(recipe: Recipe, model_params: dict, name: str, num_layers: int) -> dict:
+    spec = METHODS[recipe.merge_method]
+    resolved = {}
+    for key, default in spec.parameters.items():
+        value = None
+        for source in (model_params, recipe.parameters):
+            if key in source:
+                value = resolve_value(source[key], name, num_layers)
+                if value is not None:
+                    break
+        resolved[key] = default if value is None else value
+    return resolved
+
+
+def _seeded_generator(seed: int, name: str, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}/{index}".encode()))
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry (1-based) by selection, without sorting."""
+    flat = values.reshape(-1)
+    return torch.kthvalue(flat, flat.numel() - k + 1).values
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    k = int(density * delta.numel())
+    if k >= delta.numel():
+        return torch.ones_like(delta, dtype=torch.bool)
+    if k == 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    magnitude = delta.abs()
+    return magnitude >= kth_largest(magnitude, k)
+
+
+def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    n = delta.numel()
+    top, keep = int(gamma * n), int(density * n)
+    magnitude = delta.abs()
+    mask = (
+        magnitude >= kth_largest(magnitude, min(top + keep, n))
+        if top + keep > 0
+        else torch.zeros_like(delta, dtype=torch.bool)
+    )
+    if top > 0:
+        mask &= magnitude < kth_largest(magnitude, top)
+    return mask
+
+
+def _combine(deltas, weights, normalize: bool, elect_sign: bool):
+    weighted = [w * d for w, d in zip(weights, deltas, strict=True)]
+    total = torch.stack(weighted).sum(0)
+    if not elect_sign:
+        return total / sum(weights) if normalize else total
+    elected = torch.sign(total)
+    agree = [torch.sign(d) == elected for d in deltas]
+    mixed = sum(wd * a for wd, a in zip(weighted, agree, strict=True))
+    if normalize:
+        divisor = sum(w * a.to(mixed.dtype) for w, a in zip(weights, agree, strict=True))
+        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+        mixed = mixed / divisor
+    return mixed
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    norm0, norm1 = v0.norm(), v1.norm()
+    dot = float(((v0 / (norm0 + eps)) * (v1 / (norm1 + eps))).sum())
+    if abs(dot) > 0.9995:
+        return (1 - t) * v0 + t * v1
+    omega = math.acos(max(-1.0, min(1.0, dot)))
+    sin_omega = math.sin(omega)
+    return (math.sin(omega - omega * t) / sin_omega) * v0 + (math.sin(omega * t) / sin_omega) * v1
+
+
+def mix_tensor(recipe: Recipe, name: str, base, tensors: list, params: list[dict]) -> torch.Tensor:
+    """One mixed tensor (in the computation dtype) from the base and the participating models' tensors."""
+    method = recipe.merge_method
+    if method == "linear":
+        weights = [p["weight"] for p in params]
+        total = weights[0] * tensors[0]
+        for weight, tensor in zip(weights[1:], tensors[1:], strict=True):
+            total = total + weight * tensor
+        return total / sum(weights) if params[0]["normalize"] else total
+    if method == "slerp":
+        return slerp(float(params[0]["t"]), base, tensors[0])
+    if method == "model_stock":
+        deltas = [t - base for t in tensors]
+        flat = [d.reshape(-1) for d in deltas]
+        cosines = [
+            float(torch.nn.functional.cosine_similarity(flat[i], flat[j], dim=0, eps=1e-8))
+            for i in range(len(flat))
+            for j in range(i + 1, len(flat))
+        ]
+        cos = sum(cosines) / len(cosines)
+        k = len(tensors)
+        t = k * cos / (1 + (k - 1) * cos) if (1 + (k - 1) * cos) != 0 else 0.0
+        return t * (sum(tensors) / k) + (1 - t) * base
+    deltas = [t - base for t in tensors]
+    if method == "ties":
+        deltas = [d * magnitude_mask(d, p["density"]) for d, p in zip(deltas, params, strict=True)]
+    elif method in ("dare_ties", "dare_linear"):
+        sparse = []
+        for index, (d, p) in enumerate(zip(deltas, params, strict=True)):
+            if p["density"] < 1:
+                keep = torch.rand(d.shape, generator=_seeded_generator(recipe.random_seed, name, index)) < p["density"]
+                d = d * keep / (p["density"] if p["rescale"] else 1.0)
+            sparse.append(d)
+        deltas = sparse
+    elif method == "breadcrumbs":
+        deltas = [d * breadcrumbs_mask(d, p["density"], p["gamma"]) for d, p in zip(deltas, params, strict=True)]
+    mixed = _combine(
+        deltas,
+        [p["weight"] for p in params],
+        normalize=bool(params[0]["normalize"]),
+        elect_sign=method in ("ties", "dare_ties"),
+    )
+    return base + params[0]["lambda"] * mixed
+
+
+@dataclass
+class _Inputs:
+    base: LazyCheckpoint
+    base_config: dict
+    participants: list[tuple[LazyCheckpoint, dict]]
+
+
+def _load_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise RecipeError(f"model {folder}: no config.json (not a model folder)")
+    return json.loads(path.read_text())
+
+
+IGNORED_CONFIG_KEYS = {"dtype", "torch_dtype", "_name_or_path", "transformers_version", "architectures", "auto_map"}
+
+
+def _architecture(value):
+    """A config value without the keys that say nothing about tensor shapes or semantics."""
+    if isinstance(value, dict):
+        return {k: _architecture(v) for k, v in value.items() if k not in IGNORED_CONFIG_KEYS}
+    return value
+
+
+def _check_same_architecture(reference: tuple[Path, dict], other: tuple[Path, dict]):
+    (ref_path, ref), (path, config) = reference, other
+    if config.get("model_type") != "sphinx":
+        raise RecipeError(f"model {path}: model_type is {config.get('model_type')!r}, not 'sphinx'")
+    for key in TEXT_FIELDS:
+        ours, theirs = config.get("text_config", {}).get(key), ref.get("text_config", {}).get(key)
+        if ours != theirs:
+            what = "vocabulary size" if key == "vocab_size" else f"text_config.{key}"
+            raise RecipeError(f"model {path}: {what} is {ours} but {ref_path} has {theirs}")
+    for key in ARCHITECTURE_FIELDS:
+        ours, theirs = _architecture(config.get(key)), _architecture(ref.get(key))
+        if ours != theirs:
+            raise RecipeError(f"model {path}: {key} differs from {ref_path} ({ours!r} vs {theirs!r})")
+
+
+def _open_inputs(recipe: Recipe) -> _Inputs:
+    folders = [path for path, _ in recipe.models]
+    base_path = recipe.base_model or folders[0]
+    configs = {}
+    for folder in dict.fromkeys([base_path, *folders]):
+        if not folder.is_dir():
+            raise RecipeError(f"model {folder}: folder does not exist")
+        configs[folder] = _load_config(folder)
+    reference = (base_path, configs[base_path])
+    for folder, config in configs.items():
+        _check_same_architecture(reference, (folder, config))
+    checkpoints = {}
+    for folder in configs:
+        try:
+            checkpoints[folder] = LazyCheckpoint(folder)
+        except ValueError as error:
+            raise RecipeError(f"model {folder}: {error}") from error
+    base = checkpoints[base_path]
+    keys = set(base.keys())
+    for folder, checkpoint in checkpoints.items():
+        theirs = set(checkpoint.keys())
+        if theirs != keys:
+            missing, extra = sorted(keys - theirs), sorted(theirs - keys)
+            raise RecipeError(
+                f"model {folder}: tensors differ from {base_path}: missing {missing[:10]}, extra {extra[:10]}"
+            )
+        for key in keys:
+            if checkpoint.shape(key) != base.shape(key):
+                what = "vocabulary size differs: " if "embed_tokens" in key or key.startswith("lm_head") else ""
+                raise RecipeError(
+                    f"model {folder}: {what}tensor {key} has shape {list(checkpoint.shape(key))}, "
+                    f"{base_path} has {list(base.shape(key))}"
+                )
+    if recipe.merge_method in ("linear",):
+        participants = [(checkpoints[path], params) for path, params in recipe.models]
+    else:  # the base's task vector is zero: it is not a participant
+        participants = [(checkpoints[path], params) for path, params in recipe.models if path != base_path]
+    spec = METHODS[recipe.merge_method]
+    if recipe.merge_method == "slerp" and len(participants) != 1:
+        raise RecipeError(f"slerp mixes the base_model with exactly one other model, got {len(participants)}")
+    if len(participants) < spec.min_models:
+        raise RecipeError(f"{recipe.merge_method} needs at least {spec.min_models} models besides the base")
+    _check_tokenizers(list(configs))
+    return _Inputs(base, configs[base_path], participants)
+
+
+def _check_tokenizers(folders: list[Path]):
+    vocabularies = {}
+    for folder in folders:
+        path = folder / "tokenizer.json"
+        if path.is_file():
+            vocabularies[folder] = json.loads(path.read_text()).get("model", {}).get("vocab")
+    items = list(vocabularies.items())
+    for folder, vocab in items[1:]:
+        if vocab != items[0][1]:
+            raise RecipeError(f"model {folder}: its tokenizer vocabulary differs from {items[0][0]}'s")
+
+
+def _plan_parameters(recipe: Recipe, inputs: _Inputs, mixed: list[str], num_layers: int) -> dict[str, list[dict]]:
+    """Every mixed tensor's resolved parameters, validated before anything is written."""
+    spec = METHODS[recipe.merge_method]
+    plan = {}
+    for name in mixed:
+        params = [_params_for(recipe, p, name, num_layers) for _, p in inputs.participants] or [
+            _params_for(recipe, {}, name, num_layers)
+        ]
+        for (checkpoint, _), values in zip(inputs.participants, params, strict=False):
+            for key, value in values.items():
+                if value is None:
+                    raise RecipeError(f"model {checkpoint.folder}: parameter {key!r} has no value for tensor {name}")
+                if key in ("density", "gamma", "t") and not 0 <= float(value) <= 1:
+                    raise RecipeError(f"model {checkpoint.folder}: {key} must be in [0, 1] for {name}, got {value}")
+        if spec.uses_weights and params[0].get("normalize"):
+            total = sum(float(p["weight"]) for p in params)
+            if abs(total) < 1e-6:
+                raise RecipeError(f"the weights for tensor {name} sum to {total}: normalising would divide by zero")
+        plan[name] = params
+    return plan
+
+
+def mix(recipe: "str | Path | dict | Recipe", out_dir: str | Path, max_shard_size: str | int = "2GB") -> Path:
+    """Mix the recipe's models into `out_dir` (sharded safetensors, config, processor, remote code, card)."""
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.load(recipe)
+    inputs = _open_inputs(recipe)
+    names = inputs.base.keys()
+    patterns = [re.compile(p) for p in recipe.mixed_tensors]
+    mixed = [n for n in names if any(p.search(n) for p in patterns)]
+    num_layers = inputs.base_config.get("text_config", {}).get("num_hidden_layers", 1)
+    plan = _plan_parameters(recipe, inputs, mixed, num_layers)
+    compute = DTYPES[recipe.dtype]
+
+    with atomic_output_dir(out_dir) as staging:
+        writer = ShardWriter(staging, parse_size(max_shard_size))
+        for name in names:
+            base_tensor = inputs.base.get(name)
+            out_dtype = DTYPES[recipe.out_dtype] if recipe.out_dtype else base_tensor.dtype
+            if name in plan:
+                tensors = [checkpoint.get(name).to(compute) for checkpoint, _ in inputs.participants]
+                result = mix_tensor(recipe, name, base_tensor.to(compute), tensors, plan[name])
+                writer.add(name, result.to(out_dtype))
+            else:
+                writer.add(name, base_tensor.to(out_dtype))
+        writer.finish()
+        written = {key for _, keys in writer.files for key in keys}
+        dropped = sorted(set(names) - written)
+        if dropped:
+            raise RecipeError(f"internal error: the output would lack tensors {dropped[:10]}")
+        for path in inputs.base.folder.iterdir():
+            if path.is_file() and not WEIGHT_FILES.fullmatch(path.name) and path.name != "README.md":
+                shutil.copy2(path, staging / path.name)
+        _write_card(staging, recipe)
+    return Path(out_dir)
+
+
+def _write_card(folder: Path, recipe: Recipe):
+    from .card import write_model_card
+
+    models = [str(path) for path, _ in recipe.models]
+    base = str(recipe.base_model) if recipe.base_model else None
+    write_model_card(
+        folder,
+        provenance={
+            "kind": "mixed",
+            "method": recipe.merge_method,
+            "recipe": yaml.safe_dump(recipe.source, sort_keys=False),
+        },
+        base_models=[m for m in dict.fromkeys(([base] if base else []) + models)],
+    )

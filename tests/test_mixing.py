@@ -1,0 +1,256 @@
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, pipeline
+
+from modeling_sphinx.build import init_model
+from modeling_sphinx.cli import main
+from modeling_sphinx.mixing import RecipeError, mix, resolve_value
+from modeling_sphinx.shards import LazyCheckpoint
+
+from .conftest import IMAGES, image_message
+
+LLM_KEY = "model.language_model.layers.0.self_attn.q_proj.weight"
+VISION_KEY = "model.clip.blocks.0.attn.qkv.weight"
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    """Three tiny SPHINX checkpoints of one architecture (different seeds), bfloat16 like real releases."""
+    root = tmp_path_factory.mktemp("mix")
+    folders = []
+    for seed in (1, 2, 3):
+        folder = init_model("sphinx", root / f"seed{seed}", tiny=True, seed=seed)
+        model = AutoModelForImageTextToText.from_pretrained(folder)
+        sharded = root / f"sharded{seed}"
+        model.to(torch.bfloat16).save_pretrained(sharded, max_shard_size="200KB")
+        for extra in folder.iterdir():
+            if extra.suffix in (".json", ".jinja", ".py") and not (sharded / extra.name).exists():
+                (sharded / extra.name).write_bytes(extra.read_bytes())
+        folders.append(sharded)
+    return folders
+
+
+def tensors(folder):
+    checkpoint = LazyCheckpoint(folder)
+    return {key: checkpoint.get(key) for key in checkpoint.keys()}
+
+
+def test_linear_is_the_float32_formula_and_only_mixes_the_llm(trio, tmp_path):
+    a, b, _ = trio
+    recipe = {
+        "merge_method": "linear",
+        "base_model": str(a),
+        "models": [{"model": str(a), "parameters": {"weight": 0.3}}, {"model": str(b), "parameters": {"weight": 0.7}}],
+    }
+    out = tensors(mix(recipe, tmp_path / "out"))
+    ta, tb = tensors(a), tensors(b)
+    assert set(out) == set(ta)  # nothing dropped
+    expected = ((0.3 * ta[LLM_KEY].float() + 0.7 * tb[LLM_KEY].float()) / (0.3 + 0.7)).to(torch.bfloat16)
+    assert torch.equal(out[LLM_KEY], expected)
+    for key in ta:
+        if not key.startswith(("model.language_model.", "lm_head.")):
+            assert torch.equal(out[key], ta[key]), key
+
+
+@pytest.mark.parametrize("weights,source", [((1.0, 0.0), 0), ((0.0, 1.0), 1)])
+def test_linear_with_one_weight_returns_that_model_bit_for_bit(trio, tmp_path, weights, source):
+    a, b, _ = trio
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(a), "parameters": {"weight": weights[0]}},
+            {"model": str(b), "parameters": {"weight": weights[1]}},
+        ],
+        "mixed_tensors": [".*"],
+    }
+    out = tensors(mix(recipe, tmp_path / "out"))
+    chosen = tensors((a, b)[source])
+    assert all(torch.equal(out[k], chosen[k]) for k in chosen)
+
+
+def _slerp_reference(t, v0, v1):
+    n0, n1 = v0 / v0.norm(), v1 / v1.norm()
+    omega = torch.arccos((n0 * n1).sum().clamp(-1, 1))
+    return (torch.sin((1 - t) * omega) * v0 + torch.sin(t * omega) * v1) / torch.sin(omega)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.5, 1.0])
+def test_slerp(trio, tmp_path, t):
+    a, b, _ = trio
+    recipe = {
+        "merge_method": "slerp",
+        "base_model": str(a),
+        "models": [{"model": str(a)}, {"model": str(b)}],
+        "parameters": {"t": t},
+        "out_dtype": "float32",
+    }
+    out = tensors(mix(recipe, tmp_path / "out"))
+    v0, v1 = tensors(a)[LLM_KEY].float(), tensors(b)[LLM_KEY].float()
+    if t == 0.0:
+        assert torch.equal(out[LLM_KEY], v0)
+    elif t == 1.0:
+        assert torch.equal(out[LLM_KEY], v1)
+    else:
+        assert torch.allclose(out[LLM_KEY], _slerp_reference(t, v0, v1), atol=1e-6)
+
+
+def _ties_reference(base, models, weights, density):
+    deltas = []
+    for m in models:
+        d = m - base
+        k = int(density * d.numel())
+        threshold = d.abs().flatten().sort(descending=True).values[k - 1]
+        deltas.append(torch.where(d.abs() >= threshold, d, torch.zeros_like(d)))
+    stacked = torch.stack(deltas)
+    w = torch.tensor(weights).view(-1, *[1] * base.ndim)
+    sign = torch.sign((w * stacked).sum(0))
+    agree = (torch.sign(stacked) == sign).float()
+    mixed = (w * stacked * agree).sum(0)
+    divisor = (w * agree).sum(0)
+    divisor[divisor.abs() < 1e-8] = 1
+    return base + mixed / divisor
+
+
+def test_ties_matches_reference(trio, tmp_path):
+    a, b, c = trio
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(a),
+        "models": [
+            {"model": str(b), "parameters": {"weight": 0.6, "density": 0.5}},
+            {"model": str(c), "parameters": {"weight": 0.4, "density": 0.5}},
+        ],
+        "out_dtype": "float32",
+    }
+    out = tensors(mix(recipe, tmp_path / "out"))
+    ta, tb, tc = (tensors(x) for x in trio)
+    expected = _ties_reference(ta[LLM_KEY].float(), [tb[LLM_KEY].float(), tc[LLM_KEY].float()], [0.6, 0.4], 0.5)
+    assert torch.allclose(out[LLM_KEY], expected, atol=1e-6)
+    assert torch.equal(out[VISION_KEY], ta[VISION_KEY].float())
+
+
+def test_dare_is_seeded_and_matches_reference(trio, tmp_path):
+    a, b, c = trio
+    recipe = {
+        "merge_method": "dare_linear",
+        "base_model": str(a),
+        "models": [{"model": str(b), "parameters": {"weight": 1.0, "density": 0.3}}],
+        "parameters": {"normalize": False},
+        "random_seed": 7,
+        "out_dtype": "float32",
+    }
+    first = tensors(mix(recipe, tmp_path / "one"))
+    second = tensors(mix(recipe, tmp_path / "two"))
+    assert torch.equal(first[LLM_KEY], second[LLM_KEY])
+    base, other = tensors(a)[LLM_KEY].float(), tensors(b)[LLM_KEY].float()
+    delta = other - base
+    kept = first[LLM_KEY] != base
+    # survivors are rescaled by 1/density, the rest fall back to the base
+    assert torch.allclose(first[LLM_KEY][kept], (base + delta / 0.3)[kept], atol=1e-5)
+    assert 0.2 < kept.float().mean() < 0.4
+    reseeded = tensors(mix({**recipe, "random_seed": 8}, tmp_path / "three"))
+    assert not torch.equal(first[LLM_KEY], reseeded[LLM_KEY])
+
+
+def test_gradients_and_filters():
+    assert resolve_value([0.0, 1.0], "model.language_model.layers.0.mlp.up_proj.weight", 3) == 0.0
+    assert resolve_value([0.0, 1.0], "model.language_model.layers.1.mlp.up_proj.weight", 3) == 0.5
+    assert resolve_value([0.0, 1.0], "lm_head.weight", 3) == 1.0
+    value = [{"filter": "self_attn", "value": 0.2}, {"value": 0.9}]
+    assert resolve_value(value, "model.language_model.layers.0.self_attn.q_proj.weight", 2) == 0.2
+    assert resolve_value(value, "model.language_model.layers.0.mlp.up_proj.weight", 2) == 0.9
+
+
+def test_mixed_model_loads_and_runs_in_the_pipeline(trio, tmp_path):
+    a, b, _ = trio
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": str(a),
+                "models": [{"model": str(b), "parameters": {"weight": 0.5}}],
+            }
+        )
+    )
+    assert main(["mix", str(recipe), str(tmp_path / "out")]) == 0
+    assert "merge_method: task_arithmetic" in (tmp_path / "out" / "README.md").read_text()
+    pipe = pipeline("image-text-to-text", model=str(tmp_path / "out"))
+    reply = pipe(text=image_message("Hi", path=IMAGES / "coffee.png"), max_new_tokens=2)
+    assert isinstance(reply[0]["generated_text"][-1]["content"], str)
+
+
+def _bad(recipe_update, trio, tmp_path, message):
+    a, b, _ = trio
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(a), "parameters": {"weight": 0.5}}, {"model": str(b), "parameters": {"weight": 0.5}}],
+    }
+    recipe.update(recipe_update(a, b) if callable(recipe_update) else recipe_update)
+    with pytest.raises(RecipeError, match=message):
+        mix(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_bad_recipes(trio, tmp_path):
+    _bad({"merge_method": "tie"}, trio, tmp_path, "unknown merge_method 'tie' \\(did you mean 'ties'\\?\\)")
+    _bad({"parameter": {}}, trio, tmp_path, "unknown recipe key 'parameter' \\(did you mean 'parameters'\\?\\)")
+    _bad(
+        {"parameters": {"normalise": True}}, trio, tmp_path, "unknown parameter 'normalise' .*did you mean 'normalize'"
+    )
+    _bad(
+        lambda a, b: {
+            "models": [
+                {"model": str(a), "parameters": {"weight": 1.0}},
+                {"model": str(b), "parameters": {"weight": -1.0}},
+            ]
+        },
+        trio,
+        tmp_path,
+        "weights for tensor .* sum to 0",
+    )
+    _bad({"merge_method": "ties"}, trio, tmp_path, "ties needs a base_model")
+    _bad(
+        lambda a, b: {"models": [{"model": str(a) + "-missing", "parameters": {"weight": 1}}]},
+        trio,
+        tmp_path,
+        "folder does not exist",
+    )
+
+
+def test_incompatible_checkpoints(trio, tmp_path):
+    a, _, _ = trio
+    other_arch = init_model("sphinx-1k", tmp_path / "other", tiny=True)
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(a), "parameters": {"weight": 1}},
+            {"model": str(other_arch), "parameters": {"weight": 1}},
+        ],
+    }
+    with pytest.raises(RecipeError, match=f"model {other_arch}: image_size differs"):
+        mix(recipe, tmp_path / "out")
+
+    vocab = init_model("sphinx", tmp_path / "vocab", tiny=True, text_config={"vocab_size": 600})
+    recipe["models"][1]["model"] = str(vocab)
+    with pytest.raises(RecipeError, match="vocabulary size is 600"):
+        mix(recipe, tmp_path / "out")
+
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    for path in a.iterdir():
+        missing.joinpath(path.name).write_bytes(path.read_bytes())
+    index_files = sorted(missing.glob("model-*.safetensors"))
+    first = load_file(index_files[0])
+    dropped = sorted(first)[0]
+    del first[dropped]
+    from safetensors.torch import save_file
+
+    save_file(first, index_files[0], metadata={"format": "pt"})
+    recipe["models"][1]["model"] = str(missing)
+    with pytest.raises(RecipeError, match=f"model {missing}: tensors differ .*missing \\['{dropped}'\\]"):
+        mix(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
