@@ -427,9 +427,9 @@ def _open_inputs(recipe: Recipe) -> _Inputs:
         except ValueError as error:
             raise RecipeError(f"model {folder}: {error}") from error
     base = checkpoints[base_path]
-    keys = set(base.keys())
+    keys = set(base.tensor_names())
     for folder, checkpoint in checkpoints.items():
-        theirs = set(checkpoint.keys())
+        theirs = set(checkpoint.tensor_names())
         if theirs != keys:
             missing, extra = sorted(keys - theirs), sorted(theirs - keys)
             raise RecipeError(
@@ -494,7 +494,7 @@ def mix(recipe: "str | Path | dict | Recipe", out_dir: str | Path, max_shard_siz
     if not isinstance(recipe, Recipe):
         recipe = Recipe.load(recipe)
     inputs = _open_inputs(recipe)
-    names = inputs.base.keys()
+    names = inputs.base.tensor_names()
     patterns = [re.compile(p) for p in recipe.mixed_tensors]
     mixed = [n for n in names if any(p.search(n) for p in patterns)]
     num_layers = inputs.base_config.get("text_config", {}).get("num_hidden_layers", 1)

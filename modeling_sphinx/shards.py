@@ -82,10 +82,10 @@ class LazyCheckpoint:
                 raise ValueError(f"{self.folder}: the index names {name}, which is missing")
             handle = safe_open(path, framework="pt")
             self._handles[name] = handle
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
                 self._location[key] = name
 
-    def keys(self) -> list[str]:
+    def tensor_names(self) -> list[str]:
         return list(self._location)
 
     def shape(self, key: str) -> tuple[int, ...]:

@@ -34,7 +34,7 @@ def trio(tmp_path_factory):
 
 def tensors(folder):
     checkpoint = LazyCheckpoint(folder)
-    return {key: checkpoint.get(key) for key in checkpoint.keys()}
+    return {key: checkpoint.get(key) for key in checkpoint.tensor_names()}
 
 
 def test_linear_is_the_float32_formula_and_only_mixes_the_llm(trio, tmp_path):
