@@ -58,12 +58,17 @@ def atomic_output_dir(out_dir: str | Path):
         raise
 
 
-def save_model_folder(model: SphinxForConditionalGeneration, processor: SphinxProcessor, out_dir, **save_kwargs):
-    """Write model, processor and remote code into `out_dir` atomically; `AutoModel` is exposed too."""
+def save_model_folder(
+    model: SphinxForConditionalGeneration, processor: SphinxProcessor, out_dir, provenance: dict, **save_kwargs
+):
+    """Write model, processor, remote code and model card into `out_dir` atomically (`AutoModel` exposed too)."""
+    from .card import write_model_card
+
     model.config.auto_map = {"AutoModel": "modeling_sphinx.SphinxModel"}
     with atomic_output_dir(out_dir) as staging:
         model.save_pretrained(staging, **save_kwargs)
         processor.save_pretrained(staging)
+        write_model_card(staging, provenance)
     return Path(out_dir)
 
 
@@ -87,4 +92,4 @@ def init_model(variant: str, out_dir, tiny: bool = False, tokenizer_model=None, 
     model = SphinxForConditionalGeneration(config).eval()
     processor = build_processor(config, tokenizer)
     model.generation_config = build_generation_config(config, processor)
-    return save_model_folder(model, processor, out_dir)
+    return save_model_folder(model, processor, out_dir, provenance={"kind": "initialised"})

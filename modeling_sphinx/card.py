@@ -88,6 +88,7 @@ def render_model_card(
         tags=tags,
         model_name=model_name if results else None,
         eval_results=results or None,
+        sphinx_mllm=provenance or None,
     )
     return ModelCard.from_template(
         data,

@@ -1,4 +1,4 @@
-"""`sphinx-mllm` command line: init, chat, convert, mix."""
+"""`sphinx-mllm` command line: init, chat, convert, mix, push."""
 
 import argparse
 import sys
@@ -32,6 +32,20 @@ def _cmd_mix(args):
 
     out = mix(args.recipe, args.out, max_shard_size=args.max_shard_size)
     print(f"mixed {args.recipe} into {out}")
+
+
+def _cmd_push(args):
+    from .hub import push_folder
+
+    info = push_folder(
+        args.folder,
+        args.repo_id,
+        private=args.private or None,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        license=args.license,
+    )
+    print(f"pushed {args.folder} to {info.commit_url}")
 
 
 def _draw(image_path: str, grounded, out_path: str):
@@ -137,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     mix.add_argument("out", help="output folder (must not exist or be empty)")
     mix.add_argument("--max-shard-size", default="2GB")
     mix.set_defaults(func=_cmd_mix)
+
+    push = commands.add_parser("push", help="upload a model folder to the Hub with a rendered model card")
+    push.add_argument("folder")
+    push.add_argument("--repo-id", required=True)
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision", help="branch to commit to (created if missing)")
+    push.add_argument("--commit-message")
+    push.add_argument("--license", help="license id for the card metadata, e.g. llama2")
+    push.set_defaults(func=_cmd_push)
     return parser
 
 

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from transformers.dynamic_module_utils import custom_object_save
 
-from .build import atomic_output_dir, build_generation_config, build_processor
+from .build import atomic_output_dir
+from .card import build_generation_config, build_processor, write_model_card
 from .configuration_sphinx import ENCODER_PRESETS, SPHINX_VARIANTS, SphinxConfig
 from .modeling_sphinx import SphinxForConditionalGeneration
 from .shards import ShardWriter, parse_size
@@ -477,6 +478,10 @@ def convert_checkpoint(
         skeleton.config.save_pretrained(staging)
         build_generation_config(config, processor).save_pretrained(staging)
         processor.save_pretrained(staging)
+        write_model_card(
+            staging,
+            {"kind": "converted", "source": Path(src).name, "llama_type": original.llama_type, "dtype": dtype},
+        )
         if verify:
             verify_conversion(original, plan, staging, dtype)
     return Path(out)
