@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from transformers.dynamic_module_utils import custom_object_save
 
-from .build import atomic_output_dir
-from .card import build_generation_config, build_processor, write_model_card
+from .build import atomic_output_dir, build_generation_config, build_processor
+from .card import write_model_card
 from .configuration_sphinx import ENCODER_PRESETS, SPHINX_VARIANTS, SphinxConfig
 from .modeling_sphinx import SphinxForConditionalGeneration
-from .shards import ShardWriter, parse_size
+from .shards import StreamingShardWriter, parse_size
 from .tokenizer import tokenizer_from_sentencepiece
 
 COLUMN, ROW, EMBEDDING, EXPERTS, REPLICATED = "column", "row", "embedding", "experts", "replicated"
@@ -460,8 +460,9 @@ def convert_checkpoint(
         )
 
     processor = build_processor(config, tokenizer)
+    layout = {ours: (shape, DTYPES[dtype]) for ours, shape in expected.items()}
     with atomic_output_dir(out) as staging:
-        writer = ShardWriter(staging, parse_size(max_shard_size))
+        writer = StreamingShardWriter(staging, layout, parse_size(max_shard_size))
         for ours, shape in expected.items():
             tensor = _produce(original, plan, ours, config)
             if tuple(tensor.shape) != shape:
@@ -470,7 +471,7 @@ def convert_checkpoint(
                     f"{original.folder}: {ORIGINAL_PREFIX}{sources[0]} gives {ours} of shape {list(tensor.shape)} "
                     f"but the config expects {list(shape)} (check config.json or --encoder-sizes)"
                 )
-            writer.add(ours, tensor.to(DTYPES[dtype]))
+            writer.write(ours, tensor.to(DTYPES[dtype]))
         writer.finish()
         skeleton.config.auto_map = {"AutoModel": "modeling_sphinx.SphinxModel"}
         skeleton.config.architectures = [type(skeleton).__name__]

@@ -60,7 +60,7 @@ import torch
 import yaml
 
 from .build import atomic_output_dir
-from .shards import LazyCheckpoint, ShardWriter, parse_size
+from .shards import LazyCheckpoint, StreamingShardWriter, parse_size
 
 
 class RecipeError(ValueError):
@@ -267,8 +267,11 @@ def _params_for(recipe: Recipe, model_params: dict, name: str, num_layers: int) 
     return resolved
 
 
-def _seeded_generator(seed: int, name: str, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}/{index}".encode()))
+CHUNK_ELEMENTS = 1 << 24  # elementwise work runs on 16M-element slices: 64 MB per float32 operand
+
+
+def _seeded_generator(seed: int, name: str, index: int, chunk: int) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}/{index}/{chunk}".encode()))
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -281,33 +284,119 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(flat, position + 1).values
 
 
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    k = int(density * delta.numel())
-    if k >= delta.numel():
-        return torch.ones_like(delta, dtype=torch.bool)
-    if k == 0:
-        return torch.zeros_like(delta, dtype=torch.bool)
-    magnitude = delta.abs()
-    return magnitude >= kth_largest(magnitude, k)
+def _magnitude_bounds(delta_magnitude: torch.Tensor, keep: int, drop_top: int = 0) -> tuple[float, float]:
+    """`(low, high)`: keep entries with low <= |δ| < high, i.e. the `keep` largest after the `drop_top` largest."""
+    n = delta_magnitude.numel()
+    if keep + drop_top >= n:
+        low = -math.inf
+    elif keep + drop_top == 0:
+        low = math.inf
+    else:
+        low = float(kth_largest(delta_magnitude, keep + drop_top))
+    high = float(kth_largest(delta_magnitude, drop_top)) if drop_top > 0 else math.inf
+    return low, high
 
 
-def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    n = delta.numel()
-    top, keep = int(gamma * n), int(density * n)
-    magnitude = delta.abs()
-    mask = (
-        magnitude >= kth_largest(magnitude, min(top + keep, n))
-        if top + keep > 0
-        else torch.zeros_like(delta, dtype=torch.bool)
-    )
-    if top > 0:
-        mask &= magnitude < kth_largest(magnitude, top)
-    return mask
+class _TensorMix:
+    """One tensor's mix: whole-tensor statistics first (thresholds, norms), then elementwise work in chunks."""
+
+    def __init__(self, recipe: Recipe, name: str, base: torch.Tensor, tensors: list[torch.Tensor], params, compute):
+        self.recipe, self.name, self.params, self.compute = recipe, name, params, compute
+        self.base, self.tensors = base.reshape(-1), [t.reshape(-1) for t in tensors]
+        self.chunks = [(s, min(s + CHUNK_ELEMENTS, self.base.numel())) for s in range(0, self.base.numel(), CHUNK_ELEMENTS)]
+        method = recipe.merge_method
+        if method in ("ties", "breadcrumbs"):
+            self.bounds = [self._bounds(t, p) for t, p in zip(self.tensors, params, strict=True)]
+        elif method == "slerp":
+            self.coefficients = self._slerp_coefficients(float(params[0]["t"]))
+        elif method == "model_stock":
+            self.stock_t = self._model_stock_t()
+
+    def _piece(self, tensor: torch.Tensor, chunk: tuple[int, int]) -> torch.Tensor:
+        return tensor[chunk[0] : chunk[1]].to(self.compute)
+
+    def _bounds(self, tensor, params) -> tuple[float, float]:
+        magnitude = (tensor.to(self.compute) - self.base.to(self.compute)).abs_()
+        n = magnitude.numel()
+        if self.recipe.merge_method == "ties":
+            return _magnitude_bounds(magnitude, int(params["density"] * n))
+        return _magnitude_bounds(magnitude, int(params["density"] * n), int(params["gamma"] * n))
+
+    def _dots(self, vectors: list[torch.Tensor]) -> list[list[float]]:
+        """Gram matrix of flattened vectors, accumulated over chunks in float64."""
+        gram = [[0.0] * len(vectors) for _ in vectors]
+        for chunk in self.chunks:
+            pieces = [v(chunk).double() for v in vectors]
+            for i in range(len(pieces)):
+                for j in range(i, len(pieces)):
+                    gram[i][j] += float(pieces[i] @ pieces[j])
+        return [[gram[min(i, j)][max(i, j)] for j in range(len(vectors))] for i in range(len(vectors))]
+
+    def _slerp_coefficients(self, t: float) -> tuple[float, float]:
+        (g00, g01), (_, g11) = self._dots([lambda c: self._piece(self.base, c), lambda c: self._piece(self.tensors[0], c)])
+        norms = math.sqrt(g00) + 1e-8, math.sqrt(g11) + 1e-8
+        dot = g01 / (norms[0] * norms[1])
+        if abs(dot) > 0.9995:
+            return 1 - t, t
+        omega = math.acos(max(-1.0, min(1.0, dot)))
+        return math.sin(omega - omega * t) / math.sin(omega), math.sin(omega * t) / math.sin(omega)
+
+    def _model_stock_t(self) -> float:
+        deltas = [lambda c, t=t: self._piece(t, c) - self._piece(self.base, c) for t in self.tensors]
+        gram = self._dots(deltas)
+        k = len(deltas)
+        cosines = [
+            gram[i][j] / max(math.sqrt(gram[i][i] * gram[j][j]), 1e-8) for i in range(k) for j in range(i + 1, k)
+        ]
+        cos = sum(cosines) / len(cosines)
+        denominator = 1 + (k - 1) * cos
+        return k * cos / denominator if denominator != 0 else 0.0
+
+    def _delta(self, index: int, chunk_index: int, chunk, base) -> torch.Tensor:
+        params = self.params[index]
+        delta = self._piece(self.tensors[index], chunk) - base
+        method = self.recipe.merge_method
+        if method in ("ties", "breadcrumbs"):
+            low, high = self.bounds[index]
+            magnitude = delta.abs()
+            delta = delta * ((magnitude >= low) & (magnitude < high))
+        elif method in ("dare_ties", "dare_linear") and params["density"] < 1:
+            generator = _seeded_generator(self.recipe.random_seed, self.name, index, chunk_index)
+            keep = torch.rand(delta.shape, generator=generator) < params["density"]
+            delta = delta * keep / (params["density"] if params["rescale"] else 1.0)
+        return delta
+
+    def chunk(self, chunk_index: int) -> torch.Tensor:
+        chunk = self.chunks[chunk_index]
+        method, params = self.recipe.merge_method, self.params
+        if method == "linear":
+            weights = [p["weight"] for p in params]
+            total = weights[0] * self._piece(self.tensors[0], chunk)
+            for weight, tensor in zip(weights[1:], self.tensors[1:], strict=True):
+                total = total + weight * self._piece(tensor, chunk)
+            return total / sum(weights) if params[0]["normalize"] else total
+        base = self._piece(self.base, chunk)
+        if method == "slerp":
+            s0, s1 = self.coefficients
+            return s0 * base + s1 * self._piece(self.tensors[0], chunk)
+        if method == "model_stock":
+            average = sum(self._piece(t, chunk) for t in self.tensors) / len(self.tensors)
+            return self.stock_t * average + (1 - self.stock_t) * base
+        deltas = [self._delta(i, chunk_index, chunk, base) for i in range(len(self.tensors))]
+        mixed = _combine(
+            deltas,
+            [p["weight"] for p in params],
+            normalize=bool(params[0]["normalize"]),
+            elect_sign=method in ("ties", "dare_ties"),
+        )
+        return base + params[0]["lambda"] * mixed
 
 
 def _combine(deltas, weights, normalize: bool, elect_sign: bool):
     weighted = [w * d for w, d in zip(weights, deltas, strict=True)]
-    total = torch.stack(weighted).sum(0)
+    total = weighted[0]
+    for term in weighted[1:]:
+        total = total + term
     if not elect_sign:
         return total / sum(weights) if normalize else total
     elected = torch.sign(total)
@@ -320,59 +409,13 @@ def _combine(deltas, weights, normalize: bool, elect_sign: bool):
     return mixed
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    norm0, norm1 = v0.norm(), v1.norm()
-    dot = float(((v0 / (norm0 + eps)) * (v1 / (norm1 + eps))).sum())
-    if abs(dot) > 0.9995:
-        return (1 - t) * v0 + t * v1
-    omega = math.acos(max(-1.0, min(1.0, dot)))
-    sin_omega = math.sin(omega)
-    return (math.sin(omega - omega * t) / sin_omega) * v0 + (math.sin(omega * t) / sin_omega) * v1
-
-
-def mix_tensor(recipe: Recipe, name: str, base, tensors: list, params: list[dict]) -> torch.Tensor:
-    """One mixed tensor (in the computation dtype) from the base and the participating models' tensors."""
-    method = recipe.merge_method
-    if method == "linear":
-        weights = [p["weight"] for p in params]
-        total = weights[0] * tensors[0]
-        for weight, tensor in zip(weights[1:], tensors[1:], strict=True):
-            total = total + weight * tensor
-        return total / sum(weights) if params[0]["normalize"] else total
-    if method == "slerp":
-        return slerp(float(params[0]["t"]), base, tensors[0])
-    if method == "model_stock":
-        deltas = [t - base for t in tensors]
-        flat = [d.reshape(-1) for d in deltas]
-        cosines = [
-            float(torch.nn.functional.cosine_similarity(flat[i], flat[j], dim=0, eps=1e-8))
-            for i in range(len(flat))
-            for j in range(i + 1, len(flat))
-        ]
-        cos = sum(cosines) / len(cosines)
-        k = len(tensors)
-        t = k * cos / (1 + (k - 1) * cos) if (1 + (k - 1) * cos) != 0 else 0.0
-        return t * (sum(tensors) / k) + (1 - t) * base
-    deltas = [t - base for t in tensors]
-    if method == "ties":
-        deltas = [d * magnitude_mask(d, p["density"]) for d, p in zip(deltas, params, strict=True)]
-    elif method in ("dare_ties", "dare_linear"):
-        sparse = []
-        for index, (d, p) in enumerate(zip(deltas, params, strict=True)):
-            if p["density"] < 1:
-                keep = torch.rand(d.shape, generator=_seeded_generator(recipe.random_seed, name, index)) < p["density"]
-                d = d * keep / (p["density"] if p["rescale"] else 1.0)
-            sparse.append(d)
-        deltas = sparse
-    elif method == "breadcrumbs":
-        deltas = [d * breadcrumbs_mask(d, p["density"], p["gamma"]) for d, p in zip(deltas, params, strict=True)]
-    mixed = _combine(
-        deltas,
-        [p["weight"] for p in params],
-        normalize=bool(params[0]["normalize"]),
-        elect_sign=method in ("ties", "dare_ties"),
-    )
-    return base + params[0]["lambda"] * mixed
+def mix_tensor(recipe: Recipe, name: str, base, tensors: list, params: list[dict], compute=torch.float32, out_dtype=None):
+    """One mixed tensor, computed in `compute` chunk by chunk and stored in `out_dtype` (default: compute)."""
+    work = _TensorMix(recipe, name, base, tensors, params, compute)
+    out = torch.empty(base.numel(), dtype=out_dtype or compute)
+    for index, (start, end) in enumerate(work.chunks):
+        out[start:end] = work.chunk(index)
+    return out.reshape(base.shape)
 
 
 @dataclass
@@ -506,20 +549,24 @@ def mix(recipe: "str | Path | dict | Recipe", out_dir: str | Path, max_shard_siz
     plan = _plan_parameters(recipe, inputs, mixed, num_layers)
     compute = DTYPES[recipe.dtype]
 
+    layout = {
+        name: (inputs.base.shape(name), DTYPES[recipe.out_dtype] if recipe.out_dtype else inputs.base.dtype(name))
+        for name in names
+    }
     with atomic_output_dir(out_dir) as staging:
-        writer = ShardWriter(staging, parse_size(max_shard_size))
+        writer = StreamingShardWriter(staging, layout, parse_size(max_shard_size))
         for name in names:
             base_tensor = inputs.base.get(name)
-            out_dtype = DTYPES[recipe.out_dtype] if recipe.out_dtype else base_tensor.dtype
+            out_dtype = layout[name][1]
             if name in plan:
-                tensors = [checkpoint.get(name).to(compute) for checkpoint, _ in inputs.participants]
-                result = mix_tensor(recipe, name, base_tensor.to(compute), tensors, plan[name])
-                writer.add(name, result.to(out_dtype))
+                tensors = [checkpoint.get(name) for checkpoint, _ in inputs.participants]
+                result = mix_tensor(recipe, name, base_tensor, tensors, plan[name], compute, out_dtype)
+                del tensors
+                writer.write(name, result)
             else:
-                writer.add(name, base_tensor.to(out_dtype))
+                writer.write(name, base_tensor.to(out_dtype))
         writer.finish()
-        written = {key for _, keys in writer.files for key in keys}
-        dropped = sorted(set(names) - written)
+        dropped = sorted(set(names) - writer.written_names())
         if dropped:
             raise RecipeError(f"internal error: the output would lack tensors {dropped[:10]}")
         for path in inputs.base.folder.iterdir():

@@ -1,11 +1,30 @@
-"""Sharded safetensors output, written one tensor at a time."""
+"""Safetensors input and output one tensor at a time, with memory bounded by the tensor, not the file.
+
+`LazyCheckpoint` reads each tensor with `pread` (no memory map, so pages read once do not stay in the
+process's memory); `StreamingShardWriter` knows every output tensor's name, shape and dtype up front, writes
+each shard's header first and then each tensor's bytes as soon as it is computed.
+"""
 
 import json
+import os
 import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def parse_size(size: str | int) -> int:
@@ -17,82 +36,139 @@ def parse_size(size: str | int) -> int:
     return int(float(match.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[match.group(2)])
 
 
-class ShardWriter:
-    """Collects tensors and writes safetensors shards of at most `max_bytes` (a larger tensor gets its own)."""
-
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.files: list[tuple[str, list[str]]] = []
-        self.total = 0
-
-    def add(self, key: str, tensor: torch.Tensor):
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        self.pending[key] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total += size
-
-    def flush(self):
-        if not self.pending:
-            return
-        name = f"part-{len(self.files):05d}.safetensors"
-        save_file(self.pending, self.folder / name, metadata={"format": "pt"})
-        self.files.append((name, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self):
-        self.flush()
-        count = len(self.files)
-        if count == 1:
-            (self.folder / self.files[0][0]).rename(self.folder / "model.safetensors")
-            return
-        weight_map = {}
-        for index, (name, keys) in enumerate(self.files, start=1):
-            final = f"model-{index:05d}-of-{count:05d}.safetensors"
-            (self.folder / name).rename(self.folder / final)
-            weight_map.update(dict.fromkeys(keys, final))
-        index_data = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index_data, indent=2) + "\n")
+def _read_header(path: Path) -> tuple[int, dict]:
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: too short to be a safetensors file")
+        length = int.from_bytes(prefix, "little")
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path}: unreadable safetensors header ({error})") from error
+    header.pop("__metadata__", None)
+    return 8 + length, header
 
 
 class LazyCheckpoint:
     """Tensors of a Hugging Face model folder (single or sharded safetensors), read one at a time."""
 
     def __init__(self, folder: str | Path):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
-        single = self.folder / "model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif single.is_file():
-            weight_map = None
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (self.folder / "model.safetensors").is_file():
+            files = ["model.safetensors"]
         else:
             raise ValueError(f"{self.folder}: no model.safetensors or model.safetensors.index.json")
-        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-        self._handles = {}
-        self._location = {}
+        self._entries: dict[str, tuple[Path, int, dict]] = {}
         for name in files:
             path = self.folder / name
             if not path.is_file():
                 raise ValueError(f"{self.folder}: the index names {name}, which is missing")
-            handle = safe_open(path, framework="pt")
-            self._handles[name] = handle
-            for key in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
-                self._location[key] = name
+            data_start, header = _read_header(path)
+            for key, entry in header.items():
+                self._entries[key] = (path, data_start, entry)
 
     def tensor_names(self) -> list[str]:
-        return list(self._location)
+        return list(self._entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._location[key]].get_slice(key).get_shape())
+        return tuple(self._entries[key][2]["shape"])
 
-    def dtype(self, key: str) -> str:
-        return self._handles[self._location[key]].get_slice(key).get_dtype()
+    def dtype(self, key: str) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self._entries[key][2]["dtype"]]
 
     def get(self, key: str) -> torch.Tensor:
-        return self._handles[self._location[key]].get_tensor(key)
+        path, data_start, entry = self._entries[key]
+        begin, end = entry["data_offsets"]
+        buffer = bytearray(end - begin)
+        with open(path, "rb", buffering=0) as handle:
+            view, offset = memoryview(buffer), data_start + begin
+            while view:
+                read = os.preadv(handle.fileno(), [view], offset)
+                if read == 0:
+                    raise ValueError(f"{path}: truncated while reading tensor {key}")
+                view, offset = view[read:], offset + read
+        if not buffer:
+            return torch.empty(entry["shape"], dtype=self.dtype(key))
+        return torch.frombuffer(buffer, dtype=self.dtype(key)).reshape(entry["shape"])
+
+
+class StreamingShardWriter:
+    """Writes the tensors of `layout` (name → (shape, dtype), in write order) into shards of at most
+    `max_bytes` (a larger tensor gets a shard of its own), plus the index when there are several."""
+
+    def __init__(self, folder: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], max_bytes: int):
+        self.folder = Path(folder)
+        self.layout = layout
+        groups, current, size = [], [], 0
+        for name, (shape, dtype) in layout.items():
+            nbytes = _numel(shape) * dtype.itemsize
+            if current and size + nbytes > max_bytes:
+                groups.append(current)
+                current, size = [], 0
+            current.append(name)
+            size += nbytes
+        groups.append(current)
+        count = len(groups)
+        self.file_of = {}
+        self.files = []
+        for index, names in enumerate(groups, start=1):
+            file_name = "model.safetensors" if count == 1 else f"model-{index:05d}-of-{count:05d}.safetensors"
+            self.files.append((file_name, names))
+            self.file_of.update(dict.fromkeys(names, file_name))
+        self.total = sum(_numel(s) * d.itemsize for s, d in layout.values())
+        self._order = iter(layout)
+        self._handle = None
+        self._file = None
+
+    def _open(self, file_name: str):
+        if self._handle is not None:
+            self._handle.close()
+        names = dict(self.files)[file_name]
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name in names:
+            shape, dtype = self.layout[name]
+            end = offset + _numel(shape) * dtype.itemsize
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+            offset = end
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        self._handle = open(self.folder / file_name, "wb")  # noqa: SIM115 (kept open across write calls)
+        self._handle.write(len(encoded).to_bytes(8, "little") + encoded)
+        self._file = file_name
+
+    def write(self, name: str, tensor: torch.Tensor):
+        expected_name = next(self._order, None)
+        if name != expected_name:
+            raise ValueError(f"tensors must be written in layout order: expected {expected_name}, got {name}")
+        shape, dtype = self.layout[name]
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise ValueError(f"{name}: got {list(tensor.shape)} {tensor.dtype}, the layout says {list(shape)} {dtype}")
+        if self.file_of[name] != self._file:
+            self._open(self.file_of[name])
+        data = tensor.detach().contiguous().cpu()
+        if data.numel():
+            self._handle.write(memoryview(data.view(torch.uint8).numpy()))
+
+    def finish(self):
+        leftover = next(self._order, None)
+        if leftover is not None:
+            raise ValueError(f"output incomplete: {leftover} and the tensors after it were never written")
+        if self._handle is not None:
+            self._handle.close()
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": self.file_of}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    def written_names(self) -> set[str]:
+        return set(self.file_of)
+
+
+def _numel(shape) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
