@@ -43,6 +43,7 @@ RECIPES = {
         "merge_method": "linear",
         "models": [{"model": a, "parameters": {"weight": 0.5}}, {"model": b, "parameters": {"weight": 0.5}}],
         "dtype": "float32",
+        "out_dtype": "bfloat16",
     },
     "slerp": lambda a, b, base: {
         "merge_method": "slerp",
@@ -50,6 +51,7 @@ RECIPES = {
         "models": [{"model": a}, {"model": b}],
         "parameters": {"t": 0.5},
         "dtype": "float32",
+        "out_dtype": "bfloat16",
     },
     "ties": lambda a, b, base: {
         "merge_method": "ties",
@@ -60,6 +62,7 @@ RECIPES = {
         ],
         "parameters": {"normalize": True},
         "dtype": "float32",
+        "out_dtype": "bfloat16",
     },
 }
 
