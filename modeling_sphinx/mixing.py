@@ -26,6 +26,9 @@ Tensors not matched by `mixed_tensors` (by default the vision encoders, the proj
 embeddings) are copied from the base model, or the first model without one. Every tensor of the inputs is in
 the output; this is checked before the output is published.
 
+Whole-tensor statistics (the TIES thresholds, slerp's angle, model_stock's cosines) are taken over the whole
+tensor; the elementwise work then runs on 1M-element slices, which keeps it in the CPU caches.
+
 Semantics per tensor, computed in `dtype` (τ_i = θ_i − θ_base are task vectors, w_i weights, λ `lambda`):
 
 - `linear`: Σ w_i θ_i (accumulated in model order), divided by Σ w_i when `normalize` (default true).
@@ -37,8 +40,9 @@ Semantics per tensor, computed in `dtype` (τ_i = θ_i − θ_base are task vect
   the k-th largest |τ_i|, k = ⌊density·n⌋; a selection, not a sort); the elected sign is sign(Σ w_i τ_i);
   θ = θ_base + λ Σ w_i τ_i [sign τ_i = elected] / Σ w_i [sign τ_i = elected] (the division when `normalize`,
   default true; positions where no model agrees keep the base).
-- `dare_ties`: as `ties`, but each τ_i keeps a random `density` fraction (Bernoulli, seeded by `random_seed`,
-  the tensor name and the model) rescaled by 1/density when `rescale` (default true).
+- `dare_ties`: as `ties`, but each τ_i keeps a random `density` fraction (Bernoulli draws seeded by
+  `random_seed`, the tensor name, the model and the 1M-element slice) rescaled by 1/density when `rescale`
+  (default true).
 - `dare_linear`: the DARE-sparsified task vectors combined as `task_arithmetic` (`normalize` default true).
 - `breadcrumbs`: each τ_i drops its `gamma` fraction of largest-magnitude entries and keeps the next `density`
   fraction; combined as `task_arithmetic` (`normalize` default true).
@@ -304,7 +308,9 @@ class _TensorMix:
     def __init__(self, recipe: Recipe, name: str, base: torch.Tensor, tensors: list[torch.Tensor], params, compute):
         self.recipe, self.name, self.params, self.compute = recipe, name, params, compute
         self.base, self.tensors = base.reshape(-1), [t.reshape(-1) for t in tensors]
-        self.chunks = [(s, min(s + CHUNK_ELEMENTS, self.base.numel())) for s in range(0, self.base.numel(), CHUNK_ELEMENTS)]
+        self.chunks = [
+            (s, min(s + CHUNK_ELEMENTS, self.base.numel())) for s in range(0, self.base.numel(), CHUNK_ELEMENTS)
+        ]
         method = recipe.merge_method
         if method in ("ties", "breadcrumbs"):
             self.bounds = [self._bounds(t, p) for t, p in zip(self.tensors, params, strict=True)]
@@ -337,7 +343,9 @@ class _TensorMix:
         return [[gram[min(i, j)][max(i, j)] for j in range(len(vectors))] for i in range(len(vectors))]
 
     def _slerp_coefficients(self, t: float) -> tuple[float, float]:
-        (g00, g01), (_, g11) = self._dots([lambda c: self._piece(self.base, c), lambda c: self._piece(self.tensors[0], c)])
+        (g00, g01), (_, g11) = self._dots(
+            [lambda c: self._piece(self.base, c), lambda c: self._piece(self.tensors[0], c)]
+        )
         norms = math.sqrt(g00) + 1e-8, math.sqrt(g11) + 1e-8
         dot = g01 / (norms[0] * norms[1])
         if abs(dot) > 0.9995:
@@ -413,7 +421,9 @@ def _combine(deltas, weights, normalize: bool, elect_sign: bool):
     return mixed
 
 
-def mix_tensor(recipe: Recipe, name: str, base, tensors: list, params: list[dict], compute=torch.float32, out_dtype=None):
+def mix_tensor(
+    recipe: Recipe, name: str, base, tensors: list, params: list[dict], compute=torch.float32, out_dtype=None
+):
     """One mixed tensor, computed in `compute` chunk by chunk and stored in `out_dtype` (default: compute)."""
     work = _TensorMix(recipe, name, base, tensors, params, compute)
     out = torch.empty(base.numel(), dtype=out_dtype or compute)

@@ -58,6 +58,8 @@ def _array_to_rgb_uint8(image: np.ndarray, input_data_format) -> tuple[np.ndarra
         input_data_format = ChannelDimension.LAST if image.shape[-1] in (3, 4) else ChannelDimension.FIRST
     if image.dtype == np.uint16:
         image = np.rint(image / 257.0).astype(np.uint8)
+    elif not image.flags.writeable:  # torch cannot share read-only memory
+        image = image.copy()
     return image, input_data_format
 
 

@@ -170,3 +170,47 @@ def test_remote_code_load_without_the_package(tiny_model_dir, tmp_path):
     payload = json.loads(result.stdout.strip().splitlines()[-1])
     assert torch.allclose(torch.tensor(payload["logits"]), torch.tensor(expected), atol=1e-5)
     assert isinstance(payload["answer"], str)
+
+
+def test_training_step_with_gradient_checkpointing(tiny_model_dir):
+    folder = tiny_model_dir("sphinx-tiny")
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    model.activation_checkpointing_enable()
+    model.train()
+    inputs = _inputs(processor, [("<image>Describe it. A cat.", Image.open(IMAGES / "chelsea.png"))])
+    labels = inputs["input_ids"].clone()
+    out = model(**inputs, labels=labels)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.model.visual_proj[0].weight.grad is not None
+    assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad is not None
+    assert all(p.grad is None for p in model.model.dinov2.parameters())
+    # image positions never count as targets
+    masked = labels.masked_fill(labels == model.config.image_token_id, -100)
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs, labels=labels).loss, model(**inputs, labels=masked).loss)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_attention_backends_agree(tiny_model_dir, attn_implementation):
+    folder = tiny_model_dir("sphinx")
+    processor = AutoProcessor.from_pretrained(folder)
+    reference = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    model = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation=attn_implementation).eval()
+    assert model.config.text_config._attn_implementation == attn_implementation
+    inputs = _inputs(processor, [("<image>Hi there", Image.open(IMAGES / "chelsea.png"))])
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs).logits, reference(**inputs).logits, atol=1e-4)
+
+
+def test_device_map_auto_and_bfloat16(tiny_model_dir):
+    folder = tiny_model_dir("sphinx-moe")
+    model = AutoModelForImageTextToText.from_pretrained(folder, device_map="auto", dtype=torch.bfloat16).eval()
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert {"Block", "ConvNeXtBlock", "Blip2QFormerLayer", "MixtralDecoderLayer"} <= set(model._no_split_modules)
+    processor = AutoProcessor.from_pretrained(folder)
+    inputs = _inputs(processor, [("<image>Hi", Image.open(IMAGES / "hubble_deep_field.jpg"))])
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    out = model.generate(**inputs, max_new_tokens=2, separator_token_ids=[])
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
