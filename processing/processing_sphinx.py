@@ -62,10 +62,6 @@ class SphinxProcessor(ProcessorMixin):
             raise ValueError(f"got {len(text)} answers but {len(image_sizes)} image sizes")
         return [parse_grounding(strip_separator(t), tuple(size)) for t, size in zip(text, image_sizes, strict=True)]
 
-    @property
-    def separator(self) -> str:
-        return SEPARATOR
-
     def separator_token_ids(self) -> list[list[int]]:
         """Token sequences of `\\n###` with and without SentencePiece's leading-space piece (as the original)."""
         with_space = self.tokenizer.encode(SEPARATOR, add_special_tokens=False)
