@@ -205,20 +205,15 @@ def encoder_overrides(encoder_sizes: dict, encoders) -> dict:
     return overrides
 
 
-def _check_feature_widths(config: SphinxConfig, encoder_sizes: dict):
-    expected = encoder_sizes.get("feature_widths", {})
-    widths = {}
-    if config.qformer_config is not None:
-        widths["qformer"] = config.qformer_config.qformer_config.hidden_size
-    for name in ("clip", "convnext", "dinov2"):
-        sub = getattr(config, f"{name}_config")
-        if sub is not None:
-            args = sub.model_args or {}
-            if name == "convnext":
-                widths[name] = (args.get("dims") or [384, 768, 1536, 3072])[-1]
-            else:
-                widths[name] = args.get("embed_dim", {"clip": 1024, "dinov2": 1536}[name])
-    for name, width in expected.items():
+def _check_feature_widths(skeleton: SphinxForConditionalGeneration, encoder_sizes: dict):
+    """`feature_widths` of the encoder sizes against the widths of the encoders they built."""
+    model = skeleton.model
+    widths = {
+        name: getattr(model, name).num_features for name in ("clip", "convnext", "dinov2") if getattr(model, name)
+    }
+    if model.qformer is not None:
+        widths["qformer"] = model.qformer.query_tokens.shape[-1]
+    for name, width in encoder_sizes.get("feature_widths", {}).items():
         if name in widths and widths[name] != width:
             raise ConversionError(f"encoder sizes: feature_widths.{name} is {width} but the sizes give {widths[name]}")
 
@@ -252,27 +247,42 @@ def rope_unpermute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return weight.view(num_heads, 2, head_dim // 2, columns).transpose(1, 2).reshape(rows, columns)
 
 
-def _transform(name: str | None, parts: list[torch.Tensor], config: SphinxConfig) -> torch.Tensor:
-    text = config.text_config
-    if name is None:
-        return parts[0]
-    if name == "rope_permute_q":
-        return rope_permute(parts[0], text.num_attention_heads)
-    if name == "rope_permute_k":
-        return rope_permute(parts[0], text.num_key_value_heads)
-    if name == "add_image_row":  # an input row that the visual tokens always replace
-        return torch.cat([parts[0], parts[0].float().mean(0, keepdim=True).to(parts[0].dtype)])
-    if name == "add_zero_row":  # the head's `<image>` logit; generation also suppresses it
-        return torch.cat([parts[0], parts[0].new_zeros(1, parts[0].shape[1])])
-    if name == "as_token":
-        return parts[0].reshape(1, -1, parts[0].shape[-1])
-    if name == "dinov2_pos_embed":
-        return resize_dinov2_pos_embed(parts[0], config.grid_side)
-    if name == "fuse_experts":  # [E, ffn, dim] gate and up → transformers' [E, 2·ffn, dim]
-        return torch.cat(parts, dim=1)
-    if name == "experts_down":  # used as `x @ w2[e]` in the original → [E, dim, ffn]
-        return parts[0].transpose(1, 2)
-    raise KeyError(name)
+def _keep(tensor, config):
+    return tensor
+
+
+# Per-tensor transforms: name → (forward over the merged source parts, inverse for writing the original layout).
+# The experts' inverse split happens in `_split`; DINOv2's table is written back at the 224-px grid.
+TRANSFORMS = {
+    None: (lambda parts, config: parts[0], _keep),
+    "rope_permute_q": (
+        lambda parts, config: rope_permute(parts[0], config.text_config.num_attention_heads),
+        lambda tensor, config: rope_unpermute(tensor, config.text_config.num_attention_heads),
+    ),
+    "rope_permute_k": (
+        lambda parts, config: rope_permute(parts[0], config.text_config.num_key_value_heads),
+        lambda tensor, config: rope_unpermute(tensor, config.text_config.num_key_value_heads),
+    ),
+    # an input row for `<image>` that the visual tokens always replace
+    "add_image_row": (
+        lambda parts, config: torch.cat([parts[0], parts[0].float().mean(0, keepdim=True).to(parts[0].dtype)]),
+        lambda tensor, config: tensor[:-1],
+    ),
+    # the head's `<image>` logit; generation also suppresses it
+    "add_zero_row": (
+        lambda parts, config: torch.cat([parts[0], parts[0].new_zeros(1, parts[0].shape[1])]),
+        lambda tensor, config: tensor[:-1],
+    ),
+    "as_token": (
+        lambda parts, config: parts[0].reshape(1, -1, parts[0].shape[-1]),
+        lambda tensor, config: tensor.reshape(-1, tensor.shape[-1]) if tensor.shape[1] > 1 else tensor.reshape(-1),
+    ),
+    "dinov2_pos_embed": (lambda parts, config: resize_dinov2_pos_embed(parts[0], config.grid_side), _keep),
+    # [E, ffn, dim] gate and up → transformers' [E, 2·ffn, dim]
+    "fuse_experts": (lambda parts, config: torch.cat(parts, dim=1), _keep),
+    # used as `x @ w2[e]` in the original → [E, dim, ffn]
+    "experts_down": (lambda parts, config: parts[0].transpose(1, 2), lambda tensor, config: tensor.transpose(1, 2)),
+}
 
 
 REMAP_AFTER_BYTES = 256 * 2**20
@@ -391,9 +401,7 @@ def sphinx_config_from_original(
         if key in original.params and original.params[key] != value:
             raise ConversionError(f"encoder sizes: llm.{key} is {value} but config.json says {original.params[key]}")
     overrides = encoder_overrides(encoder_sizes, SPHINX_VARIANTS[variant]["encoders"])
-    config = SphinxConfig.from_variant(variant, text_config=text, image_token_id=vocab_size, **overrides)
-    _check_feature_widths(config, encoder_sizes)
-    return config
+    return SphinxConfig.from_variant(variant, text_config=text, image_token_id=vocab_size, **overrides)
 
 
 def _plan(original: OriginalCheckpoint) -> dict[str, list[tuple[str, KeyRule]]]:
@@ -420,7 +428,8 @@ def _produce(original, plan, ours, config):
     sources = plan[ours]
     experts = getattr(config.text_config, "num_local_experts", 1)
     parts = [original.merged(key, rule.split, experts) for key, rule in sources]
-    return _transform(sources[0][1].transform, parts, config)
+    forward, _ = TRANSFORMS[sources[0][1].transform]
+    return forward(parts, config)
 
 
 def convert_checkpoint(
@@ -449,6 +458,7 @@ def convert_checkpoint(
         raise ConversionError(
             f"{original.folder}: config.json and the encoder sizes do not make a valid model: {error}"
         ) from error
+    _check_feature_widths(skeleton, encoder_sizes or {})
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     missing = sorted(set(expected) - set(plan))
     if missing:
@@ -519,7 +529,7 @@ def write_original_checkpoint(model: SphinxForConditionalGeneration, folder: str
     shards = [{} for _ in range(num_shards)]
     for ours, tensor in state.items():
         original_key, rule, tensor = _invert(ours, tensor, config)
-        for key, value in _split(original_key, rule, tensor, num_shards, experts):
+        for key, value in _split(original_key, rule, tensor, num_shards):
             for rank in range(num_shards):
                 shards[rank][ORIGINAL_PREFIX + key] = value[rank].clone()
     for rank, shard in enumerate(shards):
@@ -556,17 +566,8 @@ def _invert(ours: str, tensor: torch.Tensor, config):
             break
     else:
         raise KeyError(ours)
-    text = config.text_config
-    if rule.transform == "rope_permute_q":
-        tensor = rope_unpermute(tensor, text.num_attention_heads)
-    elif rule.transform == "rope_permute_k":
-        tensor = rope_unpermute(tensor, text.num_key_value_heads)
-    elif rule.transform in ("add_image_row", "add_zero_row"):
-        tensor = tensor[:-1]
-    elif rule.transform == "as_token":
-        tensor = tensor.reshape(-1, tensor.shape[-1]) if tensor.shape[1] > 1 else tensor.reshape(-1)
-    elif rule.transform == "experts_down":
-        tensor = tensor.transpose(1, 2)
+    _, inverse = TRANSFORMS[rule.transform]
+    tensor = inverse(tensor, config)
     return original_key, rule, tensor
 
 
@@ -581,7 +582,7 @@ def _original_key_for(rule: KeyRule, ours: str) -> str | None:
     return original if match_rule(original) == (ours, rule) else None
 
 
-def _split(original_key: str, rule: KeyRule, tensor: torch.Tensor, num_shards: int, experts):
+def _split(original_key: str, rule: KeyRule, tensor: torch.Tensor, num_shards: int):
     if rule.transform == "fuse_experts":
         gate, up = tensor.chunk(2, dim=1)
         stem = original_key.rsplit(".", 1)[0]

@@ -243,6 +243,7 @@ def test_shape_that_does_not_fit_the_config(tmp_path):
     sizes["feature_widths"]["dinov2"] = 50
     with pytest.raises(ConversionError, match="do not make a valid model"):
         convert_checkpoint(folder, tmp_path / "out", dtype="float32", encoder_sizes=sizes)
+    sizes["dinov2_vit_giant2"]["embed_dim"] = 51  # a valid model again, only the stated width is wrong
     sizes["feature_widths"]["dinov2"] = 99
     with pytest.raises(ConversionError, match="feature_widths.dinov2 is 99"):
         convert_checkpoint(folder, tmp_path / "out", dtype="float32", encoder_sizes=sizes)
