@@ -31,6 +31,7 @@ AutoProcessor.register(SphinxConfig, SphinxProcessor, exist_ok=True)
 SphinxConfig.register_for_auto_class()
 SphinxForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 SphinxImageProcessor.register_for_auto_class()
+SphinxImageProcessorPil.register_for_auto_class()
 SphinxProcessor.register_for_auto_class()
 
 __all__ = [

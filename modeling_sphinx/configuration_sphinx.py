@@ -141,7 +141,8 @@ TINY_ENCODER_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-ALL_ENCODERS = ("qformer", "clip", "convnext", "dinov2")
+FUSED_ENCODERS = ("clip", "convnext", "dinov2")  # concatenated channel-wise, in this order
+ALL_ENCODERS = ("qformer", *FUSED_ENCODERS)
 LIGHT_ENCODERS = ("convnext", "dinov2")
 
 # One row per release. `llama_type` is the model file of the original code that the release was made with.
@@ -229,6 +230,28 @@ class SphinxVisionEncoderConfig(PreTrainedConfig):
 
     architecture: str = "vit_large_patch14_clip_224"
     model_args: dict[str, Any] | None = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, encoder: str | None = None, **kwargs):
+        """Load an encoder config, from its own folder or from a SPHINX model folder.
+
+        A SPHINX folder holds one config per encoder; `encoder` (`"clip"`, `"convnext"` or `"dinov2"`) picks one,
+        and may be left out only when the folder holds a single encoder.
+        """
+        config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == SphinxConfig.model_type:
+            present = [name for name in FUSED_ENCODERS if config_dict.get(f"{name}_config")]
+            if encoder is None and len(present) == 1:
+                encoder = present[0]
+            if encoder not in present:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path!r} is a SPHINX model with the encoders {present}; pass "
+                    f"encoder= one of them to load its config (got {encoder!r})"
+                )
+            config_dict = config_dict[f"{encoder}_config"]
+        elif encoder is not None:
+            raise ValueError(f"encoder={encoder!r} picks an encoder of a SPHINX model folder; this is not one")
+        return cls.from_dict(config_dict, **kwargs)
 
 
 @strict

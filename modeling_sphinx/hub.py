@@ -23,7 +23,13 @@ def _auto_map_modules(data: dict) -> set[str]:
     for key, value in data.items():
         if key == "auto_map" and isinstance(value, dict):
             for reference in value.values():
-                references = reference if isinstance(reference, (list, tuple)) else [reference]
+                # one class, a (slow, fast) tokenizer pair, or a {backend: class} map of image processors
+                if isinstance(reference, dict):
+                    references = list(reference.values())
+                elif isinstance(reference, (list, tuple)):
+                    references = reference
+                else:
+                    references = [reference]
                 for ref in references:
                     if ref:
                         modules.add(ref.split("--")[-1].split(".")[0] + ".py")

@@ -15,10 +15,18 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.generation import StoppingCriteria, StoppingCriteriaList
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionModel
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_sphinx import SphinxConfig
 
@@ -29,37 +37,53 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CONVNEXT_INPUT_FROM_VIEW = 256  # the original feeds ConvNeXt each 224-px view resized (nearest) to 256 px
 
 
-@dataclass
-class SphinxModelOutputWithPast(BaseModelOutputWithPast):
-    r"""
-    image_hidden_states (`torch.FloatTensor`, *optional*):
-        Visual tokens of the images, `(num_images, num_image_tokens, hidden_size)`, start/end embeddings included.
-    """
-
-    image_hidden_states: torch.FloatTensor | None = None
+# BLIP-2's vision config defaults to initializer_range=1e-10 (its weights were only ever loaded), which leaves a
+# randomly initialised tower blind to its input; random SPHINX models initialise it like the other encoders.
+QFORMER_VISION_INIT_STD = 0.02
 
 
 @dataclass
-class SphinxCausalLMOutputWithPast(ModelOutput):
+class SphinxModelOutputWithPast(MultimodalBaseModelOutputWithPast):
     r"""
-    loss (`torch.FloatTensor`, *optional*):
-        Next-token loss, when `labels` are given.
-    logits (`torch.FloatTensor`):
-        Prediction scores of the language modeling head.
-    past_key_values (`Cache`, *optional*):
-        The decoder's key/value cache.
-    hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*):
-        Per-layer outputs of the decoder, when asked for.
-    image_hidden_states (`torch.FloatTensor`, *optional*):
-        Visual tokens of the images, `(num_images, num_image_tokens, hidden_size)`.
+    image_outputs (`BaseModelOutputWithPooling`, *optional*):
+        What `get_image_features` returned: `pooler_output` holds the visual tokens of the images,
+        `(num_images, num_image_tokens, hidden_size)`, start/end embeddings included.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-    image_hidden_states: torch.FloatTensor | None = None
+    @property
+    def image_hidden_states(self) -> torch.FloatTensor | None:
+        """The visual tokens of the images (`image_outputs.pooler_output`)."""
+        return None if self.image_outputs is None else self.image_outputs.pooler_output
+
+
+@dataclass
+class SphinxCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
+    r"""
+    image_outputs (`BaseModelOutputWithPooling`, *optional*):
+        What `get_image_features` returned: `pooler_output` holds the visual tokens of the images.
+    """
+
+    @property
+    def image_hidden_states(self) -> torch.FloatTensor | None:
+        """The visual tokens of the images (`image_outputs.pooler_output`)."""
+        return None if self.image_outputs is None else self.image_outputs.pooler_output
+
+
+def context_length(text_config) -> int | None:
+    """Positions the LLM can attend over: `max_position_embeddings`, or what its RoPE scaling extends it to.
+
+    Linear, YaRN, LLaMA-3 and LongRoPE scaling stretch `original_max_position_embeddings` (or
+    `max_position_embeddings`) by `factor`; dynamic NTK scaling has no fixed limit (`None`).
+    """
+    limit = text_config.max_position_embeddings
+    rope = getattr(text_config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "default":
+        return limit
+    if rope_type == "dynamic":
+        return None
+    original = rope.get("original_max_position_embeddings") or limit
+    return max(limit, int(original * (rope.get("factor") or 1.0)))
 
 
 def resize_through_float16(images: torch.Tensor, size: int, mode: str) -> torch.Tensor:
@@ -140,10 +164,29 @@ class SphinxPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, SphinxModel):
             # the original initialises the boundary embeddings with torch.rand
-            nn.init.uniform_(module.start_img)
-            nn.init.uniform_(module.end_img)
+            init.uniform_(module.start_img)
+            init.uniform_(module.end_img)
         elif isinstance(module, SphinxQFormer):
-            module.query_tokens.normal_(std=0.02)
+            init.normal_(module.query_tokens, std=QFORMER_VISION_INIT_STD)
+            # runs after the tower's own BLIP-2 init (children first), replacing its 1e-10 weights
+            embeddings = module.vision_model.embeddings
+            init.trunc_normal_(embeddings.class_embedding, std=QFORMER_VISION_INIT_STD)
+            init.trunc_normal_(embeddings.position_embedding, std=QFORMER_VISION_INIT_STD)
+            for layer in module.vision_model.modules():
+                if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                    init.normal_(layer.weight, std=QFORMER_VISION_INIT_STD)
+                    if layer.bias is not None:
+                        init.zeros_(layer.bias)
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func=checkpoint, every_n_layers: int = 1
+    ):
+        """transformers' checkpointing for the LLM and BLIP-2 layers, timm's for the encoders that train."""
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+        base = self if isinstance(self, SphinxModel) else self.model
+        for encoder in (base.clip, base.convnext, base.dinov2):
+            if encoder is not None:
+                encoder.set_grad_checkpointing(enable and not self.config.freeze_vision_encoders)
 
 
 class SphinxModel(SphinxPreTrainedModel):
@@ -242,27 +285,56 @@ class SphinxModel(SphinxPreTrainedModel):
         tokens = feature_map.flatten(-2).transpose(1, 2)
         return torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
-        """Visual tokens per image: `pooler_output` is `[num_images, num_image_tokens, hidden_size]`."""
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
+    ) -> tuple | BaseModelOutputWithPooling:
+        """Encode images into the visual tokens the LLM reads.
+
+        Returns a `BaseModelOutputWithPooling` (a tuple with `return_dict=False`):
+        - `pooler_output`: the visual tokens per image, `[num_images, num_image_tokens, hidden_size]`, start/end
+          embeddings included, in the order the LLM sees them;
+        - `last_hidden_state`: the fused CLIP ‖ ConvNeXt ‖ DINOv2 features of every view before projection,
+          `[num_images * num_views, 1 + grid_side**2, fused_width]`;
+        - `hidden_states` (with `output_hidden_states=True`): each encoder's features of every view before fusion,
+          in fusion order (CLIP, ConvNeXt, DINOv2), then the Q-Former query outputs.
+
+        The encoders are timm trunks that do not return attention weights, so `output_attentions=True` raises.
+        """
+        if output_attentions:
+            raise ValueError(
+                "SPHINX's vision encoders (timm CLIP, ConvNeXt and DINOv2 trunks) do not return attention weights; "
+                "register forward hooks on model.model.<encoder>.blocks to inspect them"
+            )
         num_images = pixel_values.shape[0]
         views, convnext_views = self.cut_views(pixel_values)
         encoder_dtype = self.visual_proj[0].weight.dtype
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision_encoders):
-            fused = []
+            per_encoder = []
             if self.clip is not None:
-                fused.append(self.clip.forward_features(views.to(encoder_dtype)))
+                per_encoder.append(self.clip.forward_features(views.to(encoder_dtype)))
             if self.convnext is not None:
-                fused.append(self._convnext_tokens(views, convnext_views))
+                per_encoder.append(self._convnext_tokens(views, convnext_views))
             if self.dinov2 is not None:
-                fused.append(self.dinov2.forward_features(self._to_dinov2_statistics(views).to(encoder_dtype)))
+                per_encoder.append(self.dinov2.forward_features(self._to_dinov2_statistics(views).to(encoder_dtype)))
             queries = self.qformer(views) if self.qformer is not None else None
-        tokens = [self.visual_proj(torch.cat([f.to(encoder_dtype) for f in fused], dim=-1))]
+        fused = torch.cat([f.to(encoder_dtype) for f in per_encoder], dim=-1)
+        tokens = [self.visual_proj(fused)]
         if queries is not None:
             tokens.insert(0, self.qformer_proj(queries.to(encoder_dtype)))
         per_view = tokens[0].shape[0]
         tokens = [self.start_img.expand(per_view, -1, -1), *tokens, self.end_img.expand(per_view, -1, -1)]
         image_tokens = torch.cat(tokens, dim=1).reshape(num_images, -1, self.config.text_config.hidden_size)
-        return BaseModelOutputWithPooling(last_hidden_state=image_tokens, pooler_output=image_tokens)
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = (*per_encoder, queries) if queries is not None else tuple(per_encoder)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=fused, pooler_output=image_tokens, hidden_states=hidden_states
+        )
 
     @staticmethod
     def _to_dinov2_statistics(views: torch.Tensor) -> torch.Tensor:
@@ -289,51 +361,57 @@ class SphinxModel(SphinxPreTrainedModel):
             )
         return is_image.unsqueeze(-1).expand_as(inputs_embeds)
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
-    ) -> SphinxModelOutputWithPast:
+    ) -> tuple | SphinxModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        context = self.config.text_config.max_position_embeddings
-        if past_length + inputs_embeds.shape[1] > context:
+        past_length = cache.get_seq_length() if cache is not None else 0
+        context = context_length(self.config.text_config)
+        if context is not None and past_length + inputs_embeds.shape[1] > context:
             n_image = int((input_ids == self.config.image_token_id).sum(-1).max()) if input_ids is not None else 0
             raise ValueError(
                 f"the sequence needs {past_length + inputs_embeds.shape[1]} positions ({n_image} of them visual "
-                f"tokens) but the model's context length is {context}; shorten the prompt"
+                f"tokens) but the model's context length is {context}; shorten the prompt or extend the context "
+                "with RoPE scaling (text_config.rope_parameters)"
             )
-        image_features = None
+        image_outputs = None
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values).pooler_output
-            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            image_outputs = self.get_image_features(pixel_values, return_dict=True)
+            image_features = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
-        elif input_ids is not None and past_length == 0 and (input_ids == self.config.image_token_id).any():
+        elif cache is None and input_ids is not None and (input_ids == self.config.image_token_id).any():
+            # inside `generate` a cache is always given, and a draft model of assisted decoding reads the prompt
+            # without pixels: transformers passes pixels to the main model only (see `generate`)
             raise ValueError("the text has image tokens but no pixel_values were given")
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         return SphinxModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=image_features,
+            image_outputs=image_outputs,
         )
 
 
@@ -353,30 +431,33 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> tuple | BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> SphinxCausalLMOutputWithPast:
+    ) -> tuple | SphinxCausalLMOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -392,10 +473,10 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
         return SphinxCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
+            image_outputs=outputs.image_outputs,
         )
 
     def generate(self, *args, stopping_criteria: StoppingCriteriaList | None = None, **kwargs):
@@ -404,8 +485,21 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
         The separator (`\n###`) spans several tokens, so it cannot be an `eos_token_id`; its token sequences
         are read from `generation_config.separator_token_ids` (written by the processor-aware tools that
         save models) and a `separator_token_ids=[]` argument turns the stop off.
+
+        Assisted decoding (`assistant_model=`) works with any draft that shares the tokenizer; transformers gives
+        the draft no pixels, so a SPHINX draft reads the `<image>` placeholders as plain embeddings. The result is
+        the main model's own (greedy: identical tokens); only the share of accepted draft tokens depends on it.
         """
         generation_config = kwargs.get("generation_config") or self.generation_config
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if (
+            not getattr(generation_config, "is_assistant", False)
+            and kwargs.get("pixel_values") is None
+            and kwargs.get("inputs_embeds") is None
+            and isinstance(input_ids, torch.Tensor)
+            and (input_ids == self.config.image_token_id).any()
+        ):
+            raise ValueError("the text has image tokens but no pixel_values were given")
         sequences = kwargs.pop("separator_token_ids", getattr(generation_config, "separator_token_ids", None))
         if sequences:
             stopping_criteria = StoppingCriteriaList(stopping_criteria or [])

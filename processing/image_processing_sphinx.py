@@ -1,24 +1,30 @@
 """SPHINX image processors: pad to a centred square filled with the CLIP mean colour, bicubic resize to the
 model's input size, CLIP normalisation. Views are cut inside the model, as in the original.
 
-`SphinxImageProcessorPil` resizes with Pillow exactly as the original `padded_resize` transform does and
-reproduces its pixels; `SphinxImageProcessor` (torchvision) is the batched tensor version.
+Both backends reproduce the original `padded_resize` transform (PadToSquare, torchvision `Resize` on the PIL
+image, `ToTensor`, `Normalize`) bit for bit:
+- `SphinxImageProcessor` (the default, torchvision backend) works on batched tensors, on any device, with
+  `pillow_resize`: a torch port of Pillow's resampling (its filter weights, 22-bit fixed-point arithmetic and
+  8-bit rounding between the horizontal and the vertical pass);
+- `SphinxImageProcessorPil` calls Pillow itself.
 
-Both accept paths, PIL images, numpy arrays and tensors. Images in other modes (greyscale, palette, RGBA,
-CMYK, 16-bit) are converted to 8-bit RGB; an image that cannot be decoded raises a `ValueError` naming it.
+Both accept paths, PIL images, numpy arrays and tensors (channels first or last, greyscale `H x W`,
+`H x W x 1` or `1 x H x W`). Images in other modes (greyscale, palette, RGBA, CMYK, 16-bit) are converted to
+8-bit RGB; an image that cannot be decoded raises a `ValueError` naming it.
 
 This file is copied flat into saved model folders as remote code.
 """
 
+import math
 import os
 
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
-from torchvision.transforms.v2 import functional as tvF
 from transformers.image_processing_backends import PilBackend, TorchvisionBackend
 from transformers.image_processing_utils import BatchFeature
+from transformers.image_transforms import group_images_by_shape, reorder_images
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension, PILImageResampling
 
 _HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -52,15 +58,27 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _array_to_rgb_uint8(image: np.ndarray, input_data_format) -> tuple[np.ndarray, ChannelDimension]:
-    """Channel order of an array image (colour channels last wins when ambiguous) and 16-bit → 8-bit."""
-    if image.ndim == 3 and input_data_format is None:
-        input_data_format = ChannelDimension.LAST if image.shape[-1] in (3, 4) else ChannelDimension.FIRST
+def _array_to_rgb(image: np.ndarray, input_data_format) -> tuple[np.ndarray, ChannelDimension]:
+    """An `H x W x 3` array of any image array: greyscale is repeated, alpha dropped, 16-bit scaled to 8-bit.
+
+    Without `input_data_format`, a 3-D array whose last axis has 1, 3 or 4 entries is channels-last (this wins
+    when both ends could be channels), otherwise channels-first.
+    """
+    if image.ndim == 2:
+        image = image[..., None]
+    elif image.ndim != 3:
+        raise ValueError(f"an image array must be H x W, H x W x C or C x H x W, got shape {list(image.shape)}")
+    elif input_data_format is None:
+        input_data_format = ChannelDimension.LAST if image.shape[-1] in (1, 3, 4) else ChannelDimension.FIRST
+    if ChannelDimension(input_data_format or ChannelDimension.LAST) == ChannelDimension.FIRST:
+        image = np.moveaxis(image, 0, -1)
+    channels = image.shape[-1]
+    if channels not in (1, 3, 4):
+        raise ValueError(f"an image needs 1 (grey), 3 (RGB) or 4 (RGBA) channels, got shape {list(image.shape)}")
     if image.dtype == np.uint16:
         image = np.rint(image / 257.0).astype(np.uint8)
-    elif not image.flags.writeable:  # torch cannot share read-only memory
-        image = image.copy()
-    return image, input_data_format
+    image = np.repeat(image, 3, axis=-1) if channels == 1 else np.ascontiguousarray(image[..., :3])
+    return (image if image.flags.writeable else image.copy()), ChannelDimension.LAST  # torch needs writable memory
 
 
 def _fetch(fetch_parent, image_url_or_urls):
@@ -77,11 +95,175 @@ def _prepare(image, input_data_format):
     if isinstance(image, torch.Tensor):
         image = image.numpy(force=True)
     if isinstance(image, np.ndarray):
-        return _array_to_rgb_uint8(image, input_data_format)
+        return _array_to_rgb(image, input_data_format)
     return image, input_data_format
 
 
-class SphinxImageProcessor(TorchvisionBackend):
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    a = -0.5
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def _bilinear(x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    return np.where(x < 1.0, 1.0 - x, 0.0)
+
+
+def _box(x: np.ndarray) -> np.ndarray:
+    return np.where((x > -0.5) & (x <= 0.5), 1.0, 0.0)
+
+
+def _hamming(x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # Pillow writes the window's constants as C floats (0.54f, 0.46f)
+        value = (
+            np.sin(x * math.pi)
+            / (x * math.pi)
+            * (float(np.float32(0.54)) + float(np.float32(0.46)) * np.cos(x * math.pi))
+        )
+    return np.where(x == 0.0, 1.0, np.where(x >= 1.0, 0.0, value))
+
+
+def _lanczos(x: np.ndarray) -> np.ndarray:
+    def sinc(v):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(v == 0.0, 1.0, np.sin(v * math.pi) / (v * math.pi))
+
+    return np.where((x > -3.0) & (x < 3.0), sinc(x) * sinc(x / 3.0), 0.0)
+
+
+# Pillow's convolution filters (`libImaging/Resample.c`): the filter and its support, in input pixels.
+PILLOW_FILTERS = {
+    PILImageResampling.BOX: (_box, 0.5),
+    PILImageResampling.BILINEAR: (_bilinear, 1.0),
+    PILImageResampling.HAMMING: (_hamming, 1.0),
+    PILImageResampling.BICUBIC: (_bicubic, 2.0),
+    PILImageResampling.LANCZOS: (_lanczos, 3.0),
+}
+PILLOW_PRECISION_BITS = 32 - 8 - 2  # fixed-point fraction bits of Pillow's 8-bit resampling
+
+
+def pillow_resize_weights(in_size: int, out_size: int, resample=PILImageResampling.BICUBIC):
+    """Pillow's resampling taps from `in_size` to `out_size` pixels: `(first_index, weights)`.
+
+    `first_index[i]` is the first input pixel of output pixel `i`; `weights` (`[out_size, taps]`, float64) are
+    its normalised filter weights, zero past the last input pixel it reads. Computed in double precision with
+    the same expressions, in the same order, as Pillow's `precompute_coeffs`.
+    """
+    if resample not in PILLOW_FILTERS:
+        names = ", ".join(PILImageResampling(r).name for r in PILLOW_FILTERS)
+        raise ValueError(f"resample must be one of Pillow's convolution filters ({names}), got {resample!r}")
+    kernel, support = PILLOW_FILTERS[resample]
+    scale = in_size / out_size
+    filter_scale = max(scale, 1.0)
+    support = support * filter_scale
+    taps = int(math.ceil(support)) * 2 + 1
+    centers = (np.arange(out_size, dtype=np.float64) + 0.5) * scale
+    # C's (int) cast truncates towards zero; negative starts are clamped to 0 anyway
+    first = np.maximum(np.trunc(centers - support + 0.5).astype(np.int64), 0)
+    last = np.minimum(np.trunc(centers + support + 0.5).astype(np.int64), in_size)
+    offsets = np.arange(taps)
+    weights = kernel((first[:, None] + offsets[None, :] - centers[:, None] + 0.5) * (1.0 / filter_scale))
+    weights = np.where(offsets[None, :] < (last - first)[:, None], weights, 0.0)
+    total = weights.sum(axis=1, keepdims=True)
+    weights = np.divide(weights, total, out=weights, where=total != 0.0)
+    return first, weights
+
+
+def _resample_axis(images: torch.Tensor, out_size: int, dim: int, resample) -> torch.Tensor:
+    """One pass of Pillow's resampling along `dim` (-1: horizontal, -2: vertical)."""
+    in_size = images.shape[dim]
+    first, weights = pillow_resize_weights(in_size, out_size, resample)
+    taps = weights.shape[1]
+    index = torch.from_numpy(np.minimum(first[:, None] + np.arange(taps), in_size - 1)).to(images.device)
+    integer = images.dtype == torch.uint8
+    if integer:
+        # Pillow rounds each weight to 22 fractional bits, away from zero, and sums in int32
+        scaled = weights * (1 << PILLOW_PRECISION_BITS)
+        fixed = np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int32)
+        kernel, source = torch.from_numpy(fixed).to(images.device), images.to(torch.int32)
+        total = torch.full((), 1 << (PILLOW_PRECISION_BITS - 1), dtype=torch.int32, device=images.device)
+    else:  # Pillow's float ("F") mode: double weights and sums, float32 results
+        kernel, source = torch.from_numpy(weights).to(images.device), images.to(torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=images.device)
+    shape = [1] * images.ndim
+    shape[dim] = out_size
+    for tap in range(taps):
+        taken = source.index_select(dim, index[:, tap])
+        total = total + taken * kernel[:, tap].view(shape)
+    if integer:
+        return (total >> PILLOW_PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
+    return total.to(torch.float32)
+
+
+def pillow_resize(images: torch.Tensor, size: tuple[int, int], resample=PILImageResampling.BICUBIC) -> torch.Tensor:
+    """Resize `[..., H, W]` images to `size = (height, width)` exactly as Pillow's `Image.resize` does.
+
+    uint8 images give Pillow's 8-bit result bit for bit: two passes, the first rounded to 8 bits, horizontal
+    first unless only the height shrinks (Pillow 13's order; a square resized to a square, as SPHINX does,
+    always goes horizontal first). Float images follow Pillow's float ("F") mode. Works batched, on any device.
+    """
+    height, width = size
+    passes = [(-1, width), (-2, height)]
+    if width >= images.shape[-1] and height < images.shape[-2]:
+        passes.reverse()
+    for dim, out_size in passes:
+        if images.shape[dim] != out_size:
+            images = _resample_axis(images, out_size, dim, resample)
+    return images
+
+
+def pad_to_square(images: torch.Tensor, fill: list[float]) -> torch.Tensor:
+    """Centre `[..., C, H, W]` images on squares of side `max(H, W)` filled with `fill` (one value per channel)."""
+    height, width = images.shape[-2:]
+    side = max(height, width)
+    if height == width:
+        return images
+    top, left = (side - height) // 2, (side - width) // 2
+    canvas = torch.tensor(fill, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    canvas = canvas.expand(*images.shape[:-2], side, side).clone()
+    canvas[..., top : top + height, left : left + width] = images
+    return canvas
+
+
+def _to_tensor_and_normalize(
+    images: torch.Tensor, do_rescale, rescale_factor, do_normalize, image_mean, image_std
+) -> torch.Tensor:
+    """torchvision's `ToTensor` (a division by 255 in float32) then `Normalize`, with the same float32 ops."""
+    images = images.to(torch.float32)
+    if do_rescale:
+        images = images / 255 if rescale_factor == 1 / 255 else images * rescale_factor
+    if do_normalize:
+        mean = torch.tensor(image_mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+        std = torch.tensor(image_std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+        images = (images - mean) / std
+    return images
+
+
+def _fill(image_mean, eight_bit: bool) -> list[float]:
+    """The padding colour: the CLIP mean, as the original's `int(255 * mean)` levels for 8-bit images."""
+    return [int(255 * m) for m in image_mean] if eight_bit else list(image_mean)
+
+
+def _with_backend_auto_map(config: dict) -> dict:
+    """Name both backends in a saved `auto_map`, so that remote code honours `backend="pil"` as well."""
+    reference = (config.get("auto_map") or {}).get("AutoImageProcessor")
+    if isinstance(reference, str):
+        module = reference.rsplit(".", 1)[0]
+        config["auto_map"]["AutoImageProcessor"] = {
+            "torchvision": f"{module}.SphinxImageProcessor",
+            "pil": f"{module}.SphinxImageProcessorPil",
+        }
+    return config
+
+
+class _SphinxImageDefaults:
+    """What both backends share: SPHINX's defaults, local paths, and an `auto_map` naming both classes."""
+
     resample = PILImageResampling.BICUBIC
     image_mean = OPENAI_CLIP_MEAN
     image_std = OPENAI_CLIP_STD
@@ -97,6 +279,11 @@ class SphinxImageProcessor(TorchvisionBackend):
     def fetch_images(self, image_url_or_urls):
         return _fetch(super().fetch_images, image_url_or_urls)
 
+    def to_dict(self):
+        return _with_backend_auto_map(super().to_dict())
+
+
+class SphinxImageProcessor(_SphinxImageDefaults, TorchvisionBackend):
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, device=None, **kwargs):
         image, input_data_format = _prepare(image, input_data_format)
         return super().process_image(
@@ -118,40 +305,21 @@ class SphinxImageProcessor(TorchvisionBackend):
         return_tensors,
         **kwargs,
     ) -> BatchFeature:
-        processed = []
-        for image in images:
+        grouped, grouped_index = group_images_by_shape(images, disable_grouping=False)
+        processed = {}
+        for shape, stacked in grouped.items():
             if do_pad:
-                height, width = image.shape[-2:]
-                side = max(height, width)
-                left, top = (side - width) // 2, (side - height) // 2
-                fill = [int(255 * m) for m in image_mean] if image.dtype == torch.uint8 else list(image_mean)
-                image = tvF.pad(image, [left, top, side - width - left, side - height - top], fill=fill)
+                stacked = pad_to_square(stacked, _fill(image_mean, stacked.dtype == torch.uint8))
             if do_resize:
-                image = self.resize(image, size=size, resample=resample)
-            processed.append(image)
-        pixel_values = torch.stack(processed)
-        pixel_values = self.rescale_and_normalize(
-            pixel_values, do_rescale, rescale_factor, do_normalize, image_mean, image_std
-        )
+                stacked = pillow_resize(stacked, (size.height, size.width), resample)
+            processed[shape] = _to_tensor_and_normalize(
+                stacked, do_rescale, rescale_factor, do_normalize, image_mean, image_std
+            )
+        pixel_values = torch.stack(reorder_images(processed, grouped_index))
         return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
 
 
-class SphinxImageProcessorPil(PilBackend):
-    resample = PILImageResampling.BICUBIC
-    image_mean = OPENAI_CLIP_MEAN
-    image_std = OPENAI_CLIP_STD
-    size = {"height": 448, "width": 448}
-    do_pad = True
-    do_resize = True
-    do_center_crop = False
-    do_rescale = True
-    do_normalize = True
-    do_convert_rgb = True
-    model_input_names = ["pixel_values"]
-
-    def fetch_images(self, image_url_or_urls):
-        return _fetch(super().fetch_images, image_url_or_urls)
-
+class SphinxImageProcessorPil(_SphinxImageDefaults, PilBackend):
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs):
         image, input_data_format = _prepare(image, input_data_format)
         return super().process_image(
@@ -176,21 +344,13 @@ class SphinxImageProcessorPil(PilBackend):
         processed = []
         for image in images:
             if do_pad:
-                channels, height, width = image.shape
-                side = max(height, width)
-                left, top = (side - width) // 2, (side - height) // 2
-                fill = [int(255 * m) for m in image_mean] if image.dtype == np.uint8 else list(image_mean)
-                canvas = np.empty((channels, side, side), dtype=image.dtype)
-                canvas[:] = np.asarray(fill, dtype=image.dtype)[:channels, None, None]
-                canvas[:, top : top + height, left : left + width] = image
-                image = canvas
+                image = pad_to_square(torch.from_numpy(image), _fill(image_mean, image.dtype == np.uint8)).numpy()
             if do_resize:
                 image = self.resize(image, size=size, resample=resample)
-            if do_rescale:
-                image = self.rescale(image, rescale_factor)
-            if do_normalize:
-                image = self.normalize(image, image_mean, image_std)
-            processed.append(image)
+            pixels = _to_tensor_and_normalize(
+                torch.from_numpy(image), do_rescale, rescale_factor, do_normalize, image_mean, image_std
+            )
+            processed.append(pixels.numpy())
         return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
 
 

@@ -6,7 +6,10 @@ tokens of every view of that image. The chat template puts all images right afte
 This file is copied flat into saved model folders as remote code.
 """
 
-from transformers.processing_utils import MultiModalData, ProcessorMixin
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import ImageInput
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 
 from .tasks_sphinx import SEPARATOR, GroundedText, parse_grounding, strip_separator
 
@@ -27,11 +30,33 @@ class SphinxProcessor(ProcessorMixin):
             raise ValueError(f"the tokenizer has no {self.image_token!r} token; add it as a special token first")
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
-    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
-        if videos is not None or audio is not None:
-            raise ValueError("SPHINX reads images and text; got videos or audio")
-        kwargs.pop("audios", None)
-        return super().__call__(images=images, text=text, **kwargs)
+    def __call__(
+        self,
+        images: ImageInput | None = None,
+        text: TextInput | PreTokenizedInput | list[TextInput] | list[PreTokenizedInput] | None = None,
+        **kwargs: Unpack[ProcessingKwargs],
+    ) -> BatchFeature:
+        """Expand each `<image>` of `text` into the image's placeholder tokens and preprocess `images`.
+
+        A text that already starts with BOS (a prompt rendered with `apply_chat_template(tokenize=False)`) keeps
+        exactly one BOS, whether or not `add_special_tokens` is set.
+        """
+        for modality in ("videos", "audio", "audios"):
+            if kwargs.pop(modality, None) is not None:
+                raise ValueError(f"SPHINX reads images and text, not videos or audio; got {modality}=")
+        return super().__call__(images=images, text=self._without_leading_bos(text, kwargs), **kwargs)
+
+    def _without_leading_bos(self, text, kwargs):
+        """Drop a rendered leading BOS when the tokenizer is about to add its own."""
+        add_special_tokens = kwargs.get("add_special_tokens", kwargs.get("text_kwargs", {}).get("add_special_tokens"))
+        bos = self.tokenizer.bos_token
+        if add_special_tokens is False or not bos or not getattr(self.tokenizer, "add_bos_token", True):
+            return text
+
+        def strip(sample):
+            return sample[len(bos) :] if isinstance(sample, str) and sample.startswith(bos) else sample
+
+        return strip(text) if isinstance(text, str) else text if text is None else [strip(t) for t in text]
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.num_image_tokens
