@@ -175,6 +175,13 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", default=None)
     parser.add_argument("--methods", default="linear,slerp,ties")
+    parser.add_argument(
+        "--entry",
+        choices=["command", "package"],
+        default="command",
+        help="run `sphinx-mllm` (command) or `python -m modeling_sphinx.cli`, which imports the whole package "
+        "first as the command did before its launcher (package)",
+    )
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="sphinx-mix-bench-"))
     make_inputs(work)
@@ -198,7 +205,10 @@ def main():
                     "--no-copy-tokenizer",
                 ]
             else:
-                command = [str(bin_dir / "sphinx-mllm"), "mix", str(path), str(out), "--max-shard-size", "500MB"]
+                entry = [str(bin_dir / "sphinx-mllm")]
+                if args.entry == "package":
+                    entry = [sys.executable, "-m", "modeling_sphinx.cli"]
+                command = [*entry, "mix", str(path), str(out), "--max-shard-size", "500MB"]
             results[tool] = measure(command)
         m, s = results["mergekit"], results["sphinx-mllm"]
         rows.append((method, m, s))

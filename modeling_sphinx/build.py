@@ -1,14 +1,12 @@
 """Assemble and save complete SPHINX model folders (weights, processor, generation config, remote code)."""
 
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import GenerationConfig
 
 from .configuration_sphinx import SphinxConfig
+from .folders import atomic_output_dir
 from .modeling_sphinx import SphinxForConditionalGeneration
 from .processing.image_processing_sphinx import SphinxImageProcessor
 from .processing.processing_sphinx import SphinxProcessor
@@ -38,24 +36,6 @@ def build_generation_config(config: SphinxConfig, processor: SphinxProcessor) ->
         suppress_tokens=[config.image_token_id],
         separator_token_ids=processor.separator_token_ids(),
     )
-
-
-@contextmanager
-def atomic_output_dir(out_dir: str | Path):
-    """Yield a temporary folder next to `out_dir` that becomes `out_dir` only if the block completes."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ValueError(f"output folder {str(out_dir)!r} exists and is not empty; choose a new path")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
-        yield staging
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def save_model_folder(

@@ -1,12 +1,23 @@
-"""`sphinx-mllm` command line: init, chat, convert, mix, push."""
+"""`sphinx-mllm` command line: init, chat, convert, mix, train, push.
+
+Heavy imports happen inside the commands that need them, so `--help`, `mix` and `push` start fast (see
+`sphinx_mllm_cli`, the command's entry point).
+"""
 
 import argparse
 import sys
+from pathlib import Path
 
-from .configuration_sphinx import SPHINX_VARIANTS
+
+def register_models():
+    """Run the package's `__init__` (Auto-class registration) if the launcher deferred it."""
+    package = sys.modules[__package__]
+    if not hasattr(package, "SphinxConfig"):
+        package.__spec__.loader.exec_module(package)
 
 
 def _cmd_init(args):
+    register_models()
     from .build import init_model
 
     out = init_model(args.variant, args.out, tiny=args.tiny, tokenizer_model=args.tokenizer, seed=args.seed)
@@ -14,6 +25,7 @@ def _cmd_init(args):
 
 
 def _cmd_convert(args):
+    register_models()
     from .convert import convert_checkpoint
 
     out = convert_checkpoint(
@@ -66,15 +78,38 @@ def _draw(image_path: str, grounded, out_path: str):
     image.save(out_path)
 
 
-def _cmd_chat(args):
-    import torch
+def _load_for_chat(args):
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    kwargs = {"dtype": args.dtype, "device_map": args.device_map}
+    if args.load_in_4bit:
+        import torch
+
+        from .quantization import four_bit_config
+
+        compute = torch.float32 if args.dtype in ("auto", "float32") else getattr(torch, args.dtype)
+        kwargs.update(dtype=compute, quantization_config=four_bit_config(compute))
+    try:
+        processor = AutoProcessor.from_pretrained(args.model)
+        model = AutoModelForImageTextToText.from_pretrained(args.model, **kwargs)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0]
+        if not Path(args.model).exists():
+            raise ValueError(
+                f"{args.model!r} is neither a model folder nor a Hub model that loads: {reason}"
+            ) from None
+        raise ValueError(f"{args.model!r} is not a complete model folder: {reason}") from None
+    return processor, model
+
+
+def _cmd_chat(args):
+    register_models()
+    import torch
 
     from .processing.image_processing_sphinx import load_image_file
 
     image = load_image_file(args.image)  # fails early, with the file named, on a bad image
-    processor = AutoProcessor.from_pretrained(args.model)
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=args.dtype, device_map=args.device_map)
+    processor, model = _load_for_chat(args)
     model.eval()
     messages = []
 
@@ -120,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     init = commands.add_parser("init", help="write a randomly initialised model with its processor")
     init.add_argument("out", help="output folder (must not exist or be empty)")
-    init.add_argument("--variant", default="sphinx-1k", choices=sorted(SPHINX_VARIANTS))
+    init.add_argument("--variant", default="sphinx-1k", help="release name, e.g. sphinx, sphinx-1k, sphinx-tiny")
     init.add_argument("--tiny", action="store_true", help="small widths, the same token geometry")
     init.add_argument("--tokenizer", help="SentencePiece tokenizer.model (required for full-size models)")
     init.add_argument("--seed", type=int, default=0)
@@ -134,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     chat.add_argument("--device-map", default=None, help='e.g. "auto" to spread the model over GPUs')
+    chat.add_argument(
+        "--load-in-4bit",
+        action="store_true",
+        help="the LLM in 4-bit NF4 (bitsandbytes), towers and projectors in 16-bit",
+    )
     chat.set_defaults(func=_cmd_chat)
     convert = commands.add_parser("convert", help="original LLaMA2-Accessory checkpoint folder → HF folder")
     convert.add_argument(

@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from transformers.dynamic_module_utils import custom_object_save
 
-from .build import atomic_output_dir, build_generation_config, build_processor
+from .build import build_generation_config, build_processor
 from .card import write_model_card
 from .configuration_sphinx import ENCODER_PRESETS, SPHINX_VARIANTS, SphinxConfig
+from .folders import atomic_output_dir
 from .modeling_sphinx import SphinxForConditionalGeneration
 from .shards import StreamingShardWriter, parse_size
 from .tokenizer import tokenizer_from_sentencepiece

@@ -8,8 +8,9 @@ comes from huggingface_hub's usual sources (`token=`, `HF_TOKEN`, `hf auth login
 import json
 from pathlib import Path
 
+import httpx2
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .card import render_model_card
@@ -104,15 +105,20 @@ def push_folder(
     files = check_folder(folder)
     card = card_for_push(folder, repo_id, license)
     api = HfApi(token=token, library_name="sphinx-mllm")
-    card.validate()
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    if revision:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
     operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode()))
-    return api.create_commit(
-        repo_id,
-        operations=operations,
-        commit_message=commit_message or f"Upload SPHINX model ({len(operations)} files) with sphinx-mllm",
-        revision=revision,
-    )
+    try:
+        card.validate()
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        return api.create_commit(
+            repo_id,
+            operations=operations,
+            commit_message=commit_message or f"Upload SPHINX model ({len(operations)} files) with sphinx-mllm",
+            revision=revision,
+        )
+    except (OSError, httpx2.TransportError) as error:  # offline mode, DNS, refused or dropped connections
+        raise ValueError(f"cannot reach the Hub at {api.endpoint}: {error}") from None
+    except HfHubHTTPError as error:
+        raise ValueError(f"the Hub refused the upload to {repo_id!r}: {str(error).splitlines()[0]}") from None

@@ -62,7 +62,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .build import atomic_output_dir
+from .folders import atomic_output_dir
 from .shards import LazyCheckpoint, StreamingShardWriter, parse_size
 
 

@@ -64,17 +64,18 @@ def _array_to_rgb(image: np.ndarray, input_data_format) -> tuple[np.ndarray, Cha
     Without `input_data_format`, a 3-D array whose last axis has 1, 3 or 4 entries is channels-last (this wins
     when both ends could be channels), otherwise channels-first.
     """
+    shape = list(image.shape)
     if image.ndim == 2:
         image = image[..., None]
     elif image.ndim != 3:
-        raise ValueError(f"an image array must be H x W, H x W x C or C x H x W, got shape {list(image.shape)}")
+        raise ValueError(f"an image array must be H x W, H x W x C or C x H x W, got shape {shape}")
     elif input_data_format is None:
         input_data_format = ChannelDimension.LAST if image.shape[-1] in (1, 3, 4) else ChannelDimension.FIRST
     if ChannelDimension(input_data_format or ChannelDimension.LAST) == ChannelDimension.FIRST:
         image = np.moveaxis(image, 0, -1)
     channels = image.shape[-1]
     if channels not in (1, 3, 4):
-        raise ValueError(f"an image needs 1 (grey), 3 (RGB) or 4 (RGBA) channels, got shape {list(image.shape)}")
+        raise ValueError(f"an image needs 1 (grey), 3 (RGB) or 4 (RGBA) channels, got shape {shape}")
     if image.dtype == np.uint16:
         image = np.rint(image / 257.0).astype(np.uint8)
     image = np.repeat(image, 3, axis=-1) if channels == 1 else np.ascontiguousarray(image[..., :3])
@@ -179,33 +180,57 @@ def _resample_axis(images: torch.Tensor, out_size: int, dim: int, resample) -> t
     in_size = images.shape[dim]
     first, weights = pillow_resize_weights(in_size, out_size, resample)
     taps = weights.shape[1]
-    index = torch.from_numpy(np.minimum(first[:, None] + np.arange(taps), in_size - 1)).to(images.device)
-    integer = images.dtype == torch.uint8
-    if integer:
-        # Pillow rounds each weight to 22 fractional bits, away from zero, and sums in int32
-        scaled = weights * (1 << PILLOW_PRECISION_BITS)
-        fixed = np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int32)
-        kernel, source = torch.from_numpy(fixed).to(images.device), images.to(torch.int32)
-        total = torch.full((), 1 << (PILLOW_PRECISION_BITS - 1), dtype=torch.int32, device=images.device)
-    else:  # Pillow's float ("F") mode: double weights and sums, float32 results
-        kernel, source = torch.from_numpy(weights).to(images.device), images.to(torch.float64)
-        total = torch.zeros((), dtype=torch.float64, device=images.device)
-    shape = [1] * images.ndim
-    shape[dim] = out_size
-    for tap in range(taps):
-        taken = source.index_select(dim, index[:, tap])
-        total = total + taken * kernel[:, tap].view(shape)
-    if integer:
-        return (total >> PILLOW_PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
+    index = np.minimum(first[:, None] + np.arange(taps), in_size - 1)
+    source = images.movedim(dim, 0)  # the resampled axis first: one row per input pixel
+    if images.dtype == torch.uint8:
+        out = _resample_rows_fixed_point(source, first, index, weights, out_size)
+    else:
+        out = _resample_rows_float(source, index, weights)
+    return out.movedim(0, dim).contiguous()
+
+
+def _resample_rows_fixed_point(source, first, index, weights, out_size) -> torch.Tensor:
+    """Pillow's 8-bit arithmetic: weights rounded to 22 fractional bits (away from zero), integer sums, the
+    result shifted back and clipped. The sums run as banded float64 matrix products: every product and partial
+    sum is an integer below 2**53, so they are exact in any order, and matrix products are fast everywhere."""
+    scaled = weights * (1 << PILLOW_PRECISION_BITS)
+    fixed = np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5))
+    device = source.device
+    matrix = torch.zeros((out_size, source.shape[0]), dtype=torch.float64, device=device)
+    output_index = torch.arange(out_size, device=device).repeat_interleave(index.shape[1])
+    taps = (output_index, torch.from_numpy(index.ravel()).to(device))
+    matrix.index_put_(taps, torch.from_numpy(fixed.ravel()).to(device), accumulate=True)  # clipped taps weigh 0
+    rows = torch.empty(source.shape, dtype=torch.float64, device=device).copy_(source).view(source.shape[0], -1)
+    sums = torch.empty((out_size, rows.shape[1]), dtype=torch.float64, device=device)
+    block = 64  # outputs per product: each block reads only the input rows its taps reach
+    for start in range(0, out_size, block):
+        stop = min(start + block, out_size)
+        low, high = int(first[start]), int(index[start:stop].max()) + 1
+        torch.mm(matrix[start:stop, low:high], rows[low:high], out=sums[start:stop])
+    rounded = (sums.to(torch.int64) + (1 << (PILLOW_PRECISION_BITS - 1))) >> PILLOW_PRECISION_BITS
+    return rounded.clamp_(0, 255).to(torch.uint8).view(out_size, *source.shape[1:])
+
+
+def _resample_rows_float(source, index, weights) -> torch.Tensor:
+    """Pillow's float ("F") mode: double weights, sums accumulated tap by tap in Pillow's order, float32 out."""
+    index = torch.from_numpy(index).to(source.device)
+    kernel = torch.from_numpy(weights).to(source.device)
+    rows = source.to(torch.float64)
+    shape = (index.shape[0],) + (1,) * (rows.ndim - 1)
+    total = torch.zeros((index.shape[0], *rows.shape[1:]), dtype=torch.float64, device=source.device)
+    for tap in range(index.shape[1]):
+        total += rows.index_select(0, index[:, tap]) * kernel[:, tap].view(shape)
     return total.to(torch.float32)
 
 
 def pillow_resize(images: torch.Tensor, size: tuple[int, int], resample=PILImageResampling.BICUBIC) -> torch.Tensor:
     """Resize `[..., H, W]` images to `size = (height, width)` exactly as Pillow's `Image.resize` does.
 
-    uint8 images give Pillow's 8-bit result bit for bit: two passes, the first rounded to 8 bits, horizontal
-    first unless only the height shrinks (Pillow 13's order; a square resized to a square, as SPHINX does,
-    always goes horizontal first). Float images follow Pillow's float ("F") mode. Works batched, on any device.
+    uint8 images follow Pillow's 8-bit path: two passes, the first rounded to 8 bits, horizontal first unless
+    only the height shrinks. That is bit-exact for squares resized to squares (what SPHINX does after padding),
+    for one-axis resizes and upscales, and for every filter; Pillow 13.0 also runs some downscales of both
+    axes by different factors vertical-first, by a rule not reproduced here, where results can differ by an
+    8-bit level. Float images follow Pillow's float ("F") mode. Works batched, on any device.
     """
     height, width = size
     passes = [(-1, width), (-2, height)]
@@ -215,6 +240,19 @@ def pillow_resize(images: torch.Tensor, size: tuple[int, int], resample=PILImage
         if images.shape[dim] != out_size:
             images = _resample_axis(images, out_size, dim, resample)
     return images
+
+
+def _resize_like_pillow(images: torch.Tensor, size: tuple[int, int], resample) -> torch.Tensor:
+    """Pillow's resize of `[N, C, H, W]` images: Pillow itself for 8-bit images in CPU memory (its C loops beat
+    any tensor formulation there), `pillow_resize` on accelerators and for float images."""
+    if images.device.type != "cpu" or images.dtype != torch.uint8:
+        return pillow_resize(images, size, resample)
+    height, width = size
+    resized = [
+        np.asarray(PIL.Image.fromarray(image.permute(1, 2, 0).numpy()).resize((width, height), resample))
+        for image in images
+    ]
+    return torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)
 
 
 def pad_to_square(images: torch.Tensor, fill: list[float]) -> torch.Tensor:
@@ -311,7 +349,7 @@ class SphinxImageProcessor(_SphinxImageDefaults, TorchvisionBackend):
             if do_pad:
                 stacked = pad_to_square(stacked, _fill(image_mean, stacked.dtype == torch.uint8))
             if do_resize:
-                stacked = pillow_resize(stacked, (size.height, size.width), resample)
+                stacked = _resize_like_pillow(stacked, (size.height, size.width), resample)
             processed[shape] = _to_tensor_and_normalize(
                 stacked, do_rescale, rescale_factor, do_normalize, image_mean, image_std
             )

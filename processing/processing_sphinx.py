@@ -50,7 +50,8 @@ class SphinxProcessor(ProcessorMixin):
         """Drop a rendered leading BOS when the tokenizer is about to add its own."""
         add_special_tokens = kwargs.get("add_special_tokens", kwargs.get("text_kwargs", {}).get("add_special_tokens"))
         bos = self.tokenizer.bos_token
-        if add_special_tokens is False or not bos or not getattr(self.tokenizer, "add_bos_token", True):
+        adds_bos = bos is not None and self.tokenizer("")["input_ids"][:1] == [self.tokenizer.bos_token_id]
+        if add_special_tokens is False or not adds_bos:
             return text
 
         def strip(sample):

@@ -70,6 +70,27 @@ TASK_INSTRUCTIONS: dict[str, str] = {
     "general_qa": "What's in the image?",
 }
 
+# COCO-17 joints in COCO's order, named as the SPHINX demo draws them.
+COCO_KEYPOINTS = (
+    "nose",
+    "left eye",
+    "right eye",
+    "left ear",
+    "right ear",
+    "left shoulder",
+    "right shoulder",
+    "left elbow",
+    "right elbow",
+    "left wrist",
+    "right wrist",
+    "left hip",
+    "right hip",
+    "left knee",
+    "right knee",
+    "left ankle",
+    "right ankle",
+)
+
 _NUMBER = r"\d+(?:\.\d+)?"
 _BRACKET = re.compile(r"\[([\d.,;\s]*)\]")
 _PHRASE = re.compile(r"<p>(.*?)</p>\s*(\[[\d.,;\s]*\])")
@@ -121,11 +142,57 @@ def to_pixels(values: list[float], image_size: tuple[int, int]) -> list[float]:
     return out
 
 
+def _coordinate_list(groups: list[list[float]], image_size: tuple[int, int], decimals: int) -> str:
+    """Pixel (x, y, ...) groups → `[a,b,...;c,d,...]` in fractions of the padded square."""
+    side, x_offset, y_offset = _padding(image_size)
+
+    def fractions(values):
+        return ",".join(
+            f"{(v + (x_offset if i % 2 == 0 else y_offset)) / side:.{decimals}f}" for i, v in enumerate(values)
+        )
+
+    return "[" + ";".join(fractions(group) for group in groups) + "]"
+
+
 def format_box(box: list[float], image_size: tuple[int, int], decimals: int = 2) -> str:
     """Pixels `[x1, y1, x2, y2]` of the `(height, width)` image → SPHINX text, e.g. `[0.12,0.30,0.56,0.91]`."""
-    side, x_offset, y_offset = _padding(image_size)
-    fractions = [(v + (x_offset if i % 2 == 0 else y_offset)) / side for i, v in enumerate(box)]
-    return "[" + ",".join(f"{f:.{decimals}f}" for f in fractions) + "]"
+    return _coordinate_list([box], image_size, decimals)
+
+
+def format_boxes(boxes: list[list[float]], image_size: tuple[int, int], decimals: int = 2) -> str:
+    """Several pixel boxes as one SPHINX list, `;` between boxes: `[0.10,0.20,0.30,0.40;0.50,0.50,0.70,0.90]`."""
+    if not boxes:
+        raise ValueError("format_boxes needs at least one box")
+    return _coordinate_list(boxes, image_size, decimals)
+
+
+def format_point(point: list[float], image_size: tuple[int, int], decimals: int = 2) -> str:
+    """A pixel point `[x, y]` → `[0.25,0.50]`."""
+    return _coordinate_list([point], image_size, decimals)
+
+
+def format_grounded(
+    phrases: list[tuple[str, list[list[float]]]], image_size: tuple[int, int], decimals: int = 2
+) -> str:
+    """Phrases with their pixel boxes → `<p>a dog</p>[...], <p>two cats</p>[...;...]`."""
+    return ", ".join(f"<p>{phrase}</p>{format_boxes(boxes, image_size, decimals)}" for phrase, boxes in phrases)
+
+
+def format_keypoints(keypoints: list[float], image_size: tuple[int, int], decimals: int = 2) -> str:
+    """COCO keypoints (17 `x, y, v` triplets, flat as in COCO files) → `<p>nose</p>[x,y], <p>left eye</p>[x,y], ...`.
+
+    Only labelled keypoints (`v > 0`) are written, named in COCO-17 order, so the parse gives each its name.
+    """
+    if len(keypoints) != 3 * len(COCO_KEYPOINTS):
+        raise ValueError(
+            f"COCO keypoints are {3 * len(COCO_KEYPOINTS)} numbers (x, y, v per joint), got {len(keypoints)}"
+        )
+    named = [
+        f"<p>{name}</p>{format_point(keypoints[3 * i : 3 * i + 2], image_size, decimals)}"
+        for i, name in enumerate(COCO_KEYPOINTS)
+        if keypoints[3 * i + 2] > 0
+    ]
+    return ", ".join(named)
 
 
 def _parse_groups(bracket_body: str, image_size: tuple[int, int]) -> tuple[list, list]:
@@ -163,8 +230,13 @@ __all__ = [
     "TASK_INSTRUCTIONS",
     "GroundedEntity",
     "GroundedText",
+    "COCO_KEYPOINTS",
     "to_pixels",
     "format_box",
+    "format_boxes",
+    "format_point",
+    "format_grounded",
+    "format_keypoints",
     "parse_grounding",
     "strip_separator",
 ]

@@ -1,5 +1,7 @@
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -73,29 +75,101 @@ def test_converted_model_reproduces_original(converted, fixture, image):
     assert (step_logits - reference["generate_step_logits"]).abs().max() <= 1e-4
 
 
+def _fixture_messages(fixture, manifest, image):
+    path = PARITY / fixture / "inputs" / f"{image}.png"
+    question = manifest["inputs"][image]["question"]
+    return [{"role": "user", "content": [{"type": "image", "path": str(path)}, {"type": "text", "text": question}]}]
+
+
+def _recorded_pixels(reference):
+    uint8 = reference["pixel_values_uint8"].permute(2, 0, 1).float()
+    return reference.get("pixel_values", ((uint8 / 255 - CLIP_MEAN) / CLIP_STD)[None])
+
+
 @pytest.mark.parametrize("fixture", FIXTURES)
-def test_processor_reproduces_recorded_inputs(converted, fixture):
+@pytest.mark.parametrize("backend", [None, "torchvision", "pil"])
+def test_processor_reproduces_recorded_inputs(converted, fixture, backend):
+    """The default processor and both named backends give the original's pixels bit for bit and its ids,
+    whether the prompt is tokenised by `apply_chat_template` or rendered first and passed to the processor."""
     folder, manifest = converted[fixture]
-    processor = AutoProcessor.from_pretrained(folder, backend="pil")
+    processor = AutoProcessor.from_pretrained(folder, **({"backend": backend} if backend else {}))
+    assert type(processor.image_processor).__name__ == (
+        "SphinxImageProcessorPil" if backend == "pil" else "SphinxImageProcessor"
+    )
     for image in ("astronaut", "chelsea_crop"):
         reference = load_file(PARITY / fixture / f"reference_{image}.safetensors")
-        messages = [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image", "path": str(PARITY / fixture / "inputs" / f"{image}.png")},
-                    {"type": "text", "text": manifest["inputs"][image]["question"]},
-                ],
-            }
-        ]
-        inputs = processor.apply_chat_template(
+        messages = _fixture_messages(fixture, manifest, image)
+        one_step = processor.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
         )
-        uint8 = reference["pixel_values_uint8"].permute(2, 0, 1).float()
-        expected = reference.get("pixel_values", ((uint8 / 255 - CLIP_MEAN) / CLIP_STD)[None])
-        assert (inputs["pixel_values"] - expected).abs().max() <= 1e-5
-        text_ids = [i for i in inputs["input_ids"][0].tolist() if i != processor.image_token_id]
-        assert text_ids == reference["input_ids"][0].tolist()
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        two_step = processor(
+            text=prompt, images=Image.open(PARITY / fixture / "inputs" / f"{image}.png"), return_tensors="pt"
+        )
+        for inputs in (one_step, two_step):
+            assert torch.equal(inputs["pixel_values"], _recorded_pixels(reference))
+            text_ids = [i for i in inputs["input_ids"][0].tolist() if i != processor.image_token_id]
+            assert text_ids == reference["input_ids"][0].tolist()
+
+
+REMOTE_DEFAULT_PATH = """
+import json, sys
+sys.modules["modeling_sphinx"] = None  # the package is not installed for this user
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+folder, parity, fixture, questions = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+report = {}
+for backend in (None, "pil"):
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True, **({"backend": backend} if backend else {}))
+    for image, question in questions.items():
+        path = f"{parity}/{fixture}/inputs/{image}.png"
+        reference = load_file(f"{parity}/{fixture}/reference_{image}.safetensors")
+        messages = [{"role": "user", "content": [{"type": "image", "path": path}, {"type": "text", "text": question}]}]
+        one_step = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        two_step = processor(text=prompt, images=Image.open(path), return_tensors="pt")
+        for pattern, inputs in (("one-step", one_step), ("two-step", two_step)):
+            n = model.config.num_image_tokens
+            vocab = reference["logits_forward"].shape[-1]
+            with torch.no_grad():
+                logits = model(**inputs).logits[0, n:, :vocab]
+            report[f"{backend or 'default'}/{image}/{pattern}"] = {
+                "class": type(processor.image_processor).__name__,
+                "ids": [i for i in inputs["input_ids"][0].tolist() if i != processor.image_token_id],
+                "pixels": inputs["pixel_values"].flatten().tolist()[::997],
+                "max_logit_diff": (logits - reference["logits_forward"][0]).abs().max().item(),
+            }
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_default_path_reproduces_original_without_the_package(converted, fixture, tmp_path):
+    """Remote code only (no `modeling_sphinx`): the default and the PIL processor, both calling patterns, give
+    the recorded ids and pixels and the original's logits within 1e-4."""
+    folder, manifest = converted[fixture]
+    questions = {image: manifest["inputs"][image]["question"] for image in ("astronaut", "chelsea_crop")}
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_DEFAULT_PATH, str(folder), str(PARITY), fixture, json.dumps(questions)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(report) == 8
+    for key, row in report.items():
+        backend, image, _ = key.split("/")
+        reference = load_file(PARITY / fixture / f"reference_{image}.safetensors")
+        assert row["class"] == ("SphinxImageProcessorPil" if backend == "pil" else "SphinxImageProcessor"), key
+        assert row["ids"] == reference["input_ids"][0].tolist(), key
+        assert row["pixels"] == _recorded_pixels(reference).flatten().tolist()[::997], key
+        assert row["max_logit_diff"] <= 1e-4, key
 
 
 def test_dinov2_position_table_resized_like_the_original():

@@ -1,4 +1,9 @@
+import json
+import subprocess
+import sys
+
 import pytest
+import yaml
 from PIL import Image
 from transformers import pipeline
 
@@ -55,3 +60,58 @@ def test_cli_init_full_size_needs_tokenizer(tmp_path, capsys):
     assert main(["init", "--variant", "sphinx", str(tmp_path / "big")]) == 2
     assert "tokenizer.model" in capsys.readouterr().err
     assert not (tmp_path / "big").exists()
+
+
+LAUNCH = """
+import json, sys
+import sphinx_mllm_cli
+sys.argv = ["sphinx-mllm", *sys.argv[1:]]
+try:
+    code = sphinx_mllm_cli.main()
+except SystemExit as stop:
+    code = stop.code
+heavy = ("torch", "transformers.modeling_utils", "timm", "torchvision", "modeling_sphinx.modeling_sphinx")
+print(json.dumps({"code": code, "imported": [m for m in heavy if m in sys.modules]}))
+"""
+
+
+def _launch(*args, cwd):
+    result = subprocess.run(
+        [sys.executable, "-c", LAUNCH, *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+def test_help_and_light_commands_do_not_import_the_model_stack(tiny_model_dir, tmp_path):
+    report, _ = _launch("--help", cwd=tmp_path)
+    assert report == {"code": 0, "imported": []}
+    report, err = _launch("push", str(tmp_path / "missing"), "--repo-id", "me/model", cwd=tmp_path)
+    assert report == {"code": 2, "imported": []} and "not a folder" in err
+    folder = tiny_model_dir("sphinx")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {"merge_method": "linear", "models": [{"model": str(folder), "parameters": {"weight": 0.5}}] * 2}
+        )
+    )
+    report, err = _launch("mix", str(recipe), str(tmp_path / "mixed"), cwd=tmp_path)
+    assert report["code"] == 0, err
+    assert report["imported"] == ["torch"]  # mixing needs torch, not transformers' model code, timm or torchvision
+    assert (tmp_path / "mixed" / "model.safetensors").is_file()
+    report, err = _launch("init", "--variant", "sphinx", "--tiny", str(tmp_path / "made"), cwd=tmp_path)
+    assert report["code"] == 0, err
+    assert "modeling_sphinx.modeling_sphinx" in report["imported"]  # model commands register the classes
+
+
+def test_cli_explains_missing_models_and_an_unreachable_hub(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    image = str(IMAGES / "astronaut.png")
+    assert main(["chat", str(tmp_path / "no-such-model"), "--image", image, "--prompt", "Hi"]) == 2
+    err = capsys.readouterr().err
+    assert f"'{tmp_path / 'no-such-model'}' is neither a model folder nor a Hub model that loads" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+    monkeypatch.setenv("HF_TOKEN", "hf_unused")
+    assert main(["push", str(tiny_model_dir("sphinx")), "--repo-id", "me/model"]) == 2  # tests run offline
+    err = capsys.readouterr().err
+    assert err.startswith("sphinx-mllm push: error: cannot reach the Hub at ") and "offline mode" in err
+    assert "hf_unused" not in err

@@ -3,6 +3,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from modeling_sphinx.processing.image_processing_sphinx import pillow_resize
 from modeling_sphinx.processing.tasks_sphinx import SYSTEM_PROMPT, format_box
 from PIL import Image
 from transformers import AutoProcessor
@@ -155,8 +156,8 @@ def test_pil_backend_matches_original_padding_and_resize(tmp_path):
     expected = ((expected - mean) / std).transpose(2, 0, 1)
     pixels = SphinxImageProcessorPil(size={"height": 448, "width": 448})(image, return_tensors="pt")["pixel_values"]
     assert np.abs(pixels[0].numpy() - expected).max() < 1e-5
-    torchvision = SphinxImageProcessor(size={"height": 448, "width": 448})(image, return_tensors="pt")["pixel_values"]
-    assert (torchvision - pixels).abs().max() < 3 / 255 / 0.26  # within a few 8-bit levels
+    default = SphinxImageProcessor(size={"height": 448, "width": 448})(image, return_tensors="pt")["pixel_values"]
+    assert torch.equal(default, pixels)  # the default (torchvision) backend is exact too
 
 
 def test_grounding_parse_to_pixels(processor):
@@ -177,3 +178,38 @@ def test_post_process_strips_separator(processor):
     ids = processor.tokenizer("An answer.\n###", add_special_tokens=False)["input_ids"]
     assert processor.post_process_image_text_to_text(ids) == "An answer."
     assert processor.post_process_image_text_to_text([ids, ids[:2]])[0] == "An answer."
+
+
+@pytest.mark.parametrize("resample", ["BICUBIC", "BILINEAR", "LANCZOS", "BOX", "HAMMING"])
+def test_pillow_resize_is_pillow_bit_for_bit(resample):
+    filters = getattr(Image, "Resampling", Image)
+    method = getattr(filters, resample)
+    rng = np.random.default_rng(0)
+    photo = np.asarray(Image.open(IMAGES / "rocket.jpg").convert("RGB"))
+    cases = [(int(s), int(o)) for s, o in zip(rng.integers(1, 300, 12), rng.integers(1, 300, 12), strict=True)]
+    cases += [(600, 448), (300, 448), (1000, 1024), (448, 224)]
+    for side, out in cases:
+        square = np.ascontiguousarray(photo[:side, :side])
+        side = min(square.shape[:2])
+        square = np.ascontiguousarray(square[:side, :side])
+        expected = np.asarray(Image.fromarray(square).resize((out, out), method))
+        got = pillow_resize(torch.from_numpy(square).permute(2, 0, 1), (out, out), method)
+        assert np.array_equal(got.permute(1, 2, 0).numpy(), expected), (side, out)
+    # one axis at a time, upscaling both axes, and Pillow's float mode
+    for (height, width), (out_height, out_width) in [
+        ((37, 120), (37, 45)),
+        ((90, 41), (13, 41)),
+        ((20, 30), (51, 77)),
+    ]:
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        expected = np.asarray(Image.fromarray(image).resize((out_width, out_height), method))
+        got = pillow_resize(torch.from_numpy(image).permute(2, 0, 1), (out_height, out_width), method)
+        assert np.array_equal(got.permute(1, 2, 0).numpy(), expected)
+    values = rng.random((33, 47)).astype(np.float32)
+    expected = np.asarray(Image.fromarray(values, mode="F").resize((20, 70), method))
+    assert np.array_equal(pillow_resize(torch.from_numpy(values), (70, 20), method).numpy(), expected)
+
+
+def test_pillow_resize_rejects_filters_it_does_not_have():
+    with pytest.raises(ValueError, match="resample must be one of Pillow's convolution filters"):
+        pillow_resize(torch.zeros(3, 8, 8, dtype=torch.uint8), (4, 4), Image.Resampling.NEAREST)
