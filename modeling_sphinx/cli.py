@@ -46,6 +46,20 @@ def _cmd_mix(args):
     print(f"mixed {args.recipe} into {out}")
 
 
+def _cmd_train(args):
+    register_models()
+    from .sft_data import DataError
+    from .training import main as train_main
+
+    if not Path(args.config).is_file():
+        raise ValueError(f"training config {args.config!r} does not exist")
+    try:
+        out = train_main(["--config", args.config, *args.overrides])
+    except DataError as error:
+        raise ValueError(str(error)) from None
+    print(f"trained model saved to {out}")
+
+
 def _cmd_push(args):
     from .hub import push_folder
 
@@ -191,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     mix.add_argument("out", help="output folder (must not exist or be empty)")
     mix.add_argument("--max-shard-size", default="2GB")
     mix.set_defaults(func=_cmd_mix)
+
+    train = commands.add_parser(
+        "train",
+        help="multi-task SFT with TRL from a recipe YAML (recipes/sft/); extra --key value pairs override it",
+    )
+    train.add_argument("config", help="recipe YAML: SphinxTuningArguments and TRL SFTConfig fields")
+    train.add_argument("overrides", nargs=argparse.REMAINDER, help="e.g. --max_steps 10 --output_dir runs/x")
+    train.set_defaults(func=_cmd_train)
 
     push = commands.add_parser("push", help="upload a model folder to the Hub with a rendered model card")
     push.add_argument("folder")

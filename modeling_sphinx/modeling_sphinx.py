@@ -25,6 +25,7 @@ from transformers.modeling_outputs import (
     MultimodalCausalLMOutputWithPast,
 )
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionModel
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
@@ -48,7 +49,11 @@ class SphinxModelOutputWithPast(MultimodalBaseModelOutputWithPast):
     image_outputs (`BaseModelOutputWithPooling`, *optional*):
         What `get_image_features` returned: `pooler_output` holds the visual tokens of the images,
         `(num_images, num_image_tokens, hidden_size)`, start/end embeddings included.
+    router_logits (`tuple(torch.FloatTensor)`, *optional*):
+        Per-layer router logits of a mixture-of-experts LLM (SPHINX-MoE), with `output_router_logits=True`.
     """
+
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
 
     @property
     def image_hidden_states(self) -> torch.FloatTensor | None:
@@ -61,7 +66,15 @@ class SphinxCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
     r"""
     image_outputs (`BaseModelOutputWithPooling`, *optional*):
         What `get_image_features` returned: `pooler_output` holds the visual tokens of the images.
+    aux_loss (`torch.FloatTensor`, *optional*):
+        The mixture-of-experts load-balancing loss (SPHINX-MoE, `output_router_logits=True`); `loss` includes it
+        times `text_config.router_aux_loss_coef`.
+    router_logits (`tuple(torch.FloatTensor)`, *optional*):
+        Per-layer router logits of a mixture-of-experts LLM.
     """
+
+    aux_loss: torch.FloatTensor | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
 
     @property
     def image_hidden_states(self) -> torch.FloatTensor | None:
@@ -143,8 +156,8 @@ class SphinxPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _skip_keys_device_placement = ["past_key_values"]
-    # Raw timm and Q-Former blocks contribute nothing to the aggregated list, so they are named here.
-    _no_split_modules = ["Block", "ConvNeXtBlock", "Blip2EncoderLayer", "Blip2QFormerLayer"]
+    # Raw timm blocks contribute nothing to the aggregated list: each SphinxModel names the blocks it has.
+    _no_split_modules = []
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -210,8 +223,22 @@ class SphinxModel(SphinxPreTrainedModel):
         self.start_img = nn.Parameter(torch.rand(1, 1, hidden_size))
         self.end_img = nn.Parameter(torch.rand(1, 1, hidden_size))
         self.language_model = AutoModel.from_config(config.text_config)
+        self._no_split_modules = self.encoder_block_classes()
         self.freeze_vision_encoders()
         self.post_init()
+
+    def encoder_block_classes(self) -> list[str]:
+        """Class names of the encoders' repeated blocks, for `device_map` and FSDP's transformer auto-wrap.
+
+        Only blocks this model has: naming an absent class makes accelerate's auto-wrap fail.
+        """
+        blocks = [e.blocks[0] for e in (self.clip, self.dinov2) if e is not None]
+        if self.convnext is not None:
+            blocks.append(self.convnext.stages[0].blocks[0])
+        names = sorted({type(block).__name__ for block in blocks})
+        if self.qformer is not None:
+            names += ["Blip2EncoderLayer", "Blip2QFormerLayer"]
+        return names
 
     def freeze_vision_encoders(self):
         """Stop gradients into the encoders when the config says they are frozen (the SPHINX default)."""
@@ -312,7 +339,7 @@ class SphinxModel(SphinxPreTrainedModel):
             )
         num_images = pixel_values.shape[0]
         views, convnext_views = self.cut_views(pixel_values)
-        encoder_dtype = self.visual_proj[0].weight.dtype
+        encoder_dtype = next(self.visual_proj.parameters()).dtype  # PEFT may wrap the Sequential
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision_encoders):
             per_encoder = []
             if self.clip is not None:
@@ -412,6 +439,7 @@ class SphinxModel(SphinxPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_outputs=image_outputs,
+            router_logits=getattr(outputs, "router_logits", None),
         )
 
 
@@ -470,13 +498,23 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
+        aux_loss = None
+        if outputs.router_logits is not None:
+            text = self.config.text_config
+            aux_loss = load_balancing_loss_func(
+                outputs.router_logits, text.num_local_experts, text.num_experts_per_tok, attention_mask
+            )
+            if loss is not None:
+                loss = loss + text.router_aux_loss_coef * aux_loss.to(loss.device)
         return SphinxCausalLMOutputWithPast(
             loss=loss,
+            aux_loss=aux_loss,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_outputs=outputs.image_outputs,
+            router_logits=outputs.router_logits,
         )
 
     def generate(self, *args, stopping_criteria: StoppingCriteriaList | None = None, **kwargs):

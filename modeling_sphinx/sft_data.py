@@ -1,0 +1,415 @@
+"""Multi-task instruction data for SPHINX in TRL's vision format, built with `datasets`.
+
+Every sample is `{"messages": [...], "images": [path], "task": str, "id": "source#record"}`: the first user
+turn carries one `{"type": "image"}` part, each turn's text is the task's original instruction
+(`TASK_INSTRUCTIONS`), and answers use SPHINX's coordinate text (fractions of the image padded to a square,
+2 decimals, `;` between boxes, `<p>phrase</p>` before a phrase's boxes), the exact inverse of
+`SphinxProcessor.post_process_generation`.
+
+Builders read the formats people have on disk (`TASK_BUILDERS`):
+
+| task | file | record |
+|---|---|---|
+| `conversations` | LLaVA/SPHINX JSON or JSONL | `{"image", "conversations": [{"from": "human"/"gpt", "value"}]}` |
+| `vqa` | JSON, JSONL, CSV or Parquet rows | `image`, `question`, `answer` (optional `instruction`: `vqa_vizwiz`) |
+| `detection` | COCO instances JSON | one sample per image and category: all its boxes |
+| `grounded_caption` | COCO instances JSON | every category of the image with its boxes |
+| `keypoints` | COCO person keypoints JSON | one sample per annotated person |
+| `referring_expression` | rows | `image`, `expression` (or `sentences`), `box` `[x1,y1,x2,y2]` or COCO `bbox` |
+| `region_caption` | rows | the same records, box in the prompt, expression as the answer |
+| `text_detection` | rows | `image`, `texts: [{"text", "box"}]` |
+| `chart_to_table` | rows | `image`, `table` |
+
+`load_mixture` reads a YAML task mixture (sources, tasks, sampling weights) into one dataset with
+`interleave_datasets`: memory-mapped Arrow by default, `streaming=True` for sets too large to prepare.
+Bad data raises a `DataError` naming the file and the record.
+"""
+
+import csv
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import PIL.Image
+import yaml
+
+from .processing.tasks_sphinx import (
+    TASK_INSTRUCTIONS,
+    format_box,
+    format_boxes,
+    format_grounded,
+    format_keypoints,
+)
+
+
+class DataError(ValueError):
+    """A training record that cannot be used, with the file and record it came from."""
+
+
+@dataclass
+class Source:
+    """One entry of a task mixture: where the records are and how often to sample them."""
+
+    path: Path
+    task: str
+    image_root: Path | None = None
+    weight: float = 1.0
+    name: str | None = None
+    options: dict = field(default_factory=dict)
+
+    def label(self) -> str:
+        return self.name or self.path.name
+
+
+def sample(image: Path, turns: list[tuple[str, str]], task: str, record_id: str) -> dict:
+    """A TRL conversational vision sample: the image in the first user turn, then the turns in order."""
+    messages = []
+    for index, (question, answer) in enumerate(turns):
+        content = [{"type": "text", "text": question}]
+        if index == 0:
+            content.insert(0, {"type": "image"})
+        messages.append({"role": "user", "content": content})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return {"messages": messages, "images": [str(image)], "task": task, "id": record_id}
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise DataError(f"{path}: the data file does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            rows = json.loads(path.read_text())
+        elif suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        elif suffix == ".csv":
+            with path.open(newline="") as handle:
+                rows = list(csv.DictReader(handle))
+        elif suffix == ".parquet":
+            import pyarrow.parquet
+
+            rows = pyarrow.parquet.read_table(path).to_pylist()
+        else:
+            raise DataError(f"{path}: unknown data format {suffix!r} (use .json, .jsonl, .csv or .parquet)")
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
+        raise DataError(f"{path}: cannot read the data: {error}") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a list of records, got {type(rows).__name__}")
+    return rows
+
+
+def _field(row: dict, key: str, where: str):
+    if not isinstance(row, dict) or row.get(key) in (None, ""):
+        raise DataError(f"{where}: the record has no {key!r}")
+    return row[key]
+
+
+def _image(source: Source, name: str, where: str) -> tuple[Path, tuple[int, int]]:
+    """The image file of a record and its `(height, width)`, read from the file header."""
+    root = source.image_root if source.image_root is not None else source.path.parent
+    path = Path(name) if Path(name).is_absolute() else root / name
+    if not path.is_file():
+        raise DataError(f"{where}: image file {str(path)!r} does not exist")
+    try:
+        with PIL.Image.open(path) as image:
+            width, height = image.size
+    except (OSError, PIL.Image.DecompressionBombError) as error:
+        raise DataError(f"{where}: cannot read image {str(path)!r}: {error}") from None
+    return path, (height, width)
+
+
+def _check_box(box, size: tuple[int, int], where: str) -> list[float]:
+    """A pixel box `[x1, y1, x2, y2]` inside the `(height, width)` image (half a pixel of rounding allowed)."""
+    height, width = size
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: a box is 4 numbers [x1, y1, x2, y2], got {box!r}") from None
+    if not (-0.5 <= x1 < x2 <= width + 0.5 and -0.5 <= y1 < y2 <= height + 0.5):
+        raise DataError(
+            f"{where}: box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] is not inside the {width}x{height} image "
+            "(boxes are [x1, y1, x2, y2] in pixels, x1 < x2, y1 < y2)"
+        )
+    return [min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(x2, width), min(y2, height)]
+
+
+def _xywh_to_xyxy(bbox) -> list[float]:
+    x, y, w, h = (float(v) for v in bbox)
+    return [x, y, x + w, y + h]
+
+
+def build_conversations(source: Source) -> Iterator[dict]:
+    """LLaVA/SPHINX conversation records; `<image>` markers in the text are dropped (the image comes first)."""
+    for index, row in enumerate(_read_rows(source.path)):
+        where = f"{source.path}, record {index}"
+        image, _ = _image(source, _field(row, "image", where), where)
+        turns = _field(row, "conversations", where)
+        roles = [turn.get("from") if isinstance(turn, dict) else None for turn in turns]
+        if len(turns) % 2 or roles != ["human", "gpt"] * (len(turns) // 2):
+            raise DataError(
+                f"{where}: the conversation must alternate 'human' and 'gpt' turns, starting with 'human'; got {roles}"
+            )
+        values = [str(turn.get("value", "")).replace("<image>", "").strip() for turn in turns]
+        pairs = list(zip(values[::2], values[1::2], strict=True))
+        yield sample(image, pairs, "conversations", f"{source.label()}#{row.get('id', index)}")
+
+
+def build_vqa(source: Source) -> Iterator[dict]:
+    """Short-answer VQA rows, with the original's "single word or phrase" instruction."""
+    for index, row in enumerate(_read_rows(source.path)):
+        where = f"{source.path}, record {index}"
+        image, _ = _image(source, _field(row, "image", where), where)
+        instruction = row.get("instruction") or source.options.get("instruction", "vqa_short")
+        if instruction not in ("vqa_short", "vqa_vizwiz"):
+            raise DataError(f"{where}: instruction must be vqa_short or vqa_vizwiz, got {instruction!r}")
+        question = TASK_INSTRUCTIONS[instruction].format(question=_field(row, "question", where))
+        answer = str(_field(row, "answer", where))
+        yield sample(image, [(question, answer)], "vqa", f"{source.label()}#{row.get('id', index)}")
+
+
+def _coco(source: Source, keypoints: bool = False):
+    """COCO annotations grouped by image: `(image record, [annotations], {category id: name})`."""
+    if not source.path.is_file():
+        raise DataError(f"{source.path}: the data file does not exist")
+    try:
+        data = json.loads(source.path.read_text())
+        categories = {c["id"]: c["name"] for c in data["categories"]}
+        images = {image["id"]: image for image in data["images"]}
+        annotations = data["annotations"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise DataError(f"{source.path}: not a COCO annotation file ({error!r} missing or malformed)") from None
+    per_image = {image_id: [] for image_id in images}
+    for annotation in annotations:
+        if annotation.get("iscrowd"):
+            continue
+        if keypoints and not annotation.get("num_keypoints", 0):
+            continue
+        if annotation.get("image_id") not in per_image:
+            raise DataError(f"{source.path}: annotation {annotation.get('id')} names an unknown image_id")
+        per_image[annotation["image_id"]].append(annotation)
+    for image_id, image in images.items():
+        yield image, per_image[image_id], categories
+
+
+def _boxes_by_category(annotations, categories, where, size) -> dict[str, list[list[float]]]:
+    grouped = {}
+    for annotation in annotations:
+        name = categories.get(annotation.get("category_id"))
+        if name is None:
+            raise DataError(f"{where}: annotation {annotation.get('id')} has an unknown category_id")
+        box = _check_box(_xywh_to_xyxy(annotation["bbox"]), size, f"{where}, annotation {annotation.get('id')}")
+        grouped.setdefault(name, []).append(box)
+    return grouped
+
+
+def build_detection(source: Source) -> Iterator[dict]:
+    """One sample per image and category present: "Detect all {category} shown in the image." → its boxes."""
+    for image, annotations, categories in _coco(source):
+        where = f"{source.path}, image {image['id']}"
+        path, size = _image(source, image["file_name"], where)
+        for name, boxes in _boxes_by_category(annotations, categories, where, size).items():
+            question = TASK_INSTRUCTIONS["detection"].format(category=name)
+            record = f"{source.label()}#{image['id']}/{name}"
+            yield sample(path, [(question, format_boxes(boxes, size))], "detection", record)
+
+
+def build_grounded_caption(source: Source) -> Iterator[dict]:
+    """Every category of the image as a grounded phrase with its boxes: `<p>dog</p>[...], <p>cat</p>[...]`."""
+    for image, annotations, categories in _coco(source):
+        if not annotations:
+            continue
+        where = f"{source.path}, image {image['id']}"
+        path, size = _image(source, image["file_name"], where)
+        grouped = _boxes_by_category(annotations, categories, where, size)
+        answer = format_grounded(list(grouped.items()), size)
+        question = TASK_INSTRUCTIONS["grounded_caption"]
+        yield sample(path, [(question, answer)], "grounded_caption", f"{source.label()}#{image['id']}")
+
+
+def build_keypoints(source: Source) -> Iterator[dict]:
+    """COCO person keypoints: the person's box in the prompt, its labelled joints in the answer."""
+    for image, annotations, _ in _coco(source, keypoints=True):
+        where = f"{source.path}, image {image['id']}"
+        if not annotations:
+            continue
+        path, size = _image(source, image["file_name"], where)
+        for annotation in annotations:
+            at = f"{where}, annotation {annotation.get('id')}"
+            box = _check_box(_xywh_to_xyxy(annotation["bbox"]), size, at)
+            points = annotation["keypoints"]
+            for joint in range(len(points) // 3):
+                if points[3 * joint + 2] > 0:
+                    x, y = points[3 * joint : 3 * joint + 2]
+                    if not (0 <= x <= size[1] and 0 <= y <= size[0]):
+                        raise DataError(f"{at}: keypoint {joint} ({x:g}, {y:g}) is outside the image")
+            question = TASK_INSTRUCTIONS["keypoints"].format(box=format_box(box, size))
+            try:
+                answer = format_keypoints(points, size)
+            except ValueError as error:
+                raise DataError(f"{at}: {error}") from None
+            yield sample(path, [(question, answer)], "keypoints", f"{source.label()}#{annotation.get('id')}")
+
+
+def _referring_records(source: Source) -> Iterator[tuple[Path, tuple[int, int], list[float], list[str], str]]:
+    for index, row in enumerate(_read_rows(source.path)):
+        where = f"{source.path}, record {index}"
+        path, size = _image(source, _field(row, "image", where), where)
+        if row.get("box") is not None:
+            box = row["box"]
+        elif row.get("bbox") is not None:
+            box = _xywh_to_xyxy(row["bbox"])
+        else:
+            raise DataError(f"{where}: the record has no 'box' ([x1, y1, x2, y2]) or 'bbox' ([x, y, w, h])")
+        box = _check_box(box, size, where)
+        expressions = row.get("sentences") or [_field(row, "expression", where)]
+        yield path, size, box, [str(e) for e in expressions], f"{source.label()}#{row.get('id', index)}"
+
+
+def build_referring_expression(source: Source) -> Iterator[dict]:
+    """Referring-expression grounding: the expression in the prompt, its box as the answer."""
+    for path, size, box, expressions, record in _referring_records(source):
+        for number, expression in enumerate(expressions):
+            question = TASK_INSTRUCTIONS["referring_expression"].format(expression=expression.rstrip("."))
+            yield sample(path, [(question, format_box(box, size))], "referring_expression", f"{record}/{number}")
+
+
+def build_region_caption(source: Source) -> Iterator[dict]:
+    """Region captioning: the box in the prompt, the expression as the answer."""
+    for path, size, box, expressions, record in _referring_records(source):
+        for number, expression in enumerate(expressions):
+            question = TASK_INSTRUCTIONS["region_caption"].format(box=format_box(box, size))
+            yield sample(path, [(question, expression)], "region_caption", f"{record}/{number}")
+
+
+def build_text_detection(source: Source) -> Iterator[dict]:
+    """OCR with boxes: every text of the image as a grounded phrase, `<p>text</p>[box]`."""
+    for index, row in enumerate(_read_rows(source.path)):
+        where = f"{source.path}, record {index}"
+        path, size = _image(source, _field(row, "image", where), where)
+        texts = _field(row, "texts", where)
+        phrases = [(str(_field(t, "text", where)), [_check_box(_field(t, "box", where), size, where)]) for t in texts]
+        question = TASK_INSTRUCTIONS["text_detection"]
+        answer = format_grounded(phrases, size)
+        yield sample(path, [(question, answer)], "text_detection", f"{source.label()}#{row.get('id', index)}")
+
+
+def build_chart_to_table(source: Source) -> Iterator[dict]:
+    """Chart parsing: the chart's data table as the answer."""
+    for index, row in enumerate(_read_rows(source.path)):
+        where = f"{source.path}, record {index}"
+        path, _ = _image(source, _field(row, "image", where), where)
+        question = TASK_INSTRUCTIONS["chart_to_table"]
+        answer = str(_field(row, "table", where))
+        yield sample(path, [(question, answer)], "chart_to_table", f"{source.label()}#{row.get('id', index)}")
+
+
+TASK_BUILDERS: dict[str, Callable[[Source], Iterator[dict]]] = {
+    "conversations": build_conversations,
+    "vqa": build_vqa,
+    "detection": build_detection,
+    "grounded_caption": build_grounded_caption,
+    "keypoints": build_keypoints,
+    "referring_expression": build_referring_expression,
+    "region_caption": build_region_caption,
+    "text_detection": build_text_detection,
+    "chart_to_table": build_chart_to_table,
+}
+
+
+def build_samples(source: Source) -> Iterator[dict]:
+    if source.task not in TASK_BUILDERS:
+        raise DataError(f"{source.path}: unknown task {source.task!r}; known: {', '.join(TASK_BUILDERS)}")
+    return TASK_BUILDERS[source.task](source)
+
+
+def read_mixture(mixture: str | Path | dict) -> tuple[list[Source], int]:
+    """The sources of a mixture YAML (paths relative to it) and its `seed`.
+
+    ```yaml
+    seed: 0
+    sources:
+      - {task: vqa, path: vqa.jsonl, image_root: images, weight: 2}
+      - {task: referring_expression, path: refcoco.jsonl, image_root: images}
+    ```
+    """
+    base = Path.cwd()
+    if not isinstance(mixture, dict):
+        path = Path(mixture)
+        if not path.is_file():
+            raise DataError(f"mixture file {str(path)!r} does not exist")
+        base = path.parent
+        mixture = yaml.safe_load(path.read_text()) or {}
+    entries = mixture.get("sources")
+    if not entries:
+        raise DataError("the mixture has no sources (a 'sources:' list of {task, path, image_root, weight})")
+    sources = []
+    for entry in entries:
+        unknown = set(entry) - {"task", "path", "image_root", "weight", "name", "options"}
+        if unknown:
+            raise DataError(f"mixture source {entry}: unknown keys {sorted(unknown)}")
+        if entry.get("task") not in TASK_BUILDERS:
+            raise DataError(
+                f"mixture source {entry}: unknown task {entry.get('task')!r}; known: {', '.join(TASK_BUILDERS)}"
+            )
+        weight = float(entry.get("weight", 1.0))
+        if weight <= 0:
+            raise DataError(f"mixture source {entry}: weight must be positive, got {weight}")
+        root = entry.get("image_root")
+        sources.append(
+            Source(
+                path=base / entry["path"],
+                task=entry["task"],
+                image_root=base / root if root is not None else None,
+                weight=weight,
+                name=entry.get("name"),
+                options=entry.get("options") or {},
+            )
+        )
+    return sources, int(mixture.get("seed", 0))
+
+
+def _generate(sources: list[dict]):
+    for entry in sources:
+        yield from build_samples(Source(**entry))
+
+
+def load_mixture(mixture: str | Path | dict, streaming: bool = False):
+    """One training dataset from a task mixture: each source sampled in proportion to its weight.
+
+    Non-streaming sources are written once to memory-mapped Arrow files (`datasets`' cache, refreshed when a
+    data file changes); `streaming=True` reads records lazily. Every record is checked as it is built.
+    """
+    import datasets
+
+    sources, seed = read_mixture(mixture)
+    parts = []
+    for source in sources:
+        entry = dict(source.__dict__)
+        if streaming:
+            parts.append(datasets.IterableDataset.from_generator(_generate, gen_kwargs={"sources": [entry]}))
+            continue
+        stat = source.path.stat() if source.path.exists() else None
+        stamp = (str(source.path), stat.st_mtime_ns, stat.st_size) if stat else None
+        try:
+            parts.append(
+                datasets.Dataset.from_generator(_generate_stamped, gen_kwargs={"sources": [entry], "stamp": stamp})
+            )
+        except datasets.exceptions.DatasetGenerationError as error:
+            if isinstance(error.__cause__, DataError):  # the record's own message, not datasets' wrapper
+                raise error.__cause__ from None
+            raise
+    if len(parts) == 1:
+        return parts[0]
+    total = sum(source.weight for source in sources)
+    return datasets.interleave_datasets(
+        parts,
+        probabilities=[source.weight / total for source in sources],
+        seed=seed,
+        stopping_strategy="all_exhausted",
+    )
+
+
+def _generate_stamped(sources: list[dict], stamp):
+    # `stamp` (path, mtime, size) only enters `datasets`' cache fingerprint, so an edited file is read again
+    yield from _generate(sources)

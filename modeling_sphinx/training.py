@@ -1,0 +1,223 @@
+"""Multi-task visual instruction tuning of SPHINX with TRL's `SFTTrainer` (full, LoRA or QLoRA).
+
+`main(argv)` is what `sphinx-mllm train CONFIG.yaml` and `recipes/sft/sft_sphinx.py` run: `TrlParser` reads
+`SphinxTuningArguments` and TRL's `SFTConfig` from the YAML (`--config`) and the command line, the task
+mixture is built with `modeling_sphinx.sft_data.load_mixture`, and the result is saved as a complete model
+folder (LoRA merged back) that loads with `AutoModelForImageTextToText` and pushes with `sphinx-mllm push`.
+
+What SPHINX needs beyond TRL's defaults, and why:
+- `SphinxDataCollator` masks every `<image>` position out of the labels: TRL's fused LM head computes the loss
+  without calling `SphinxForConditionalGeneration.forward`, whose own masking therefore never runs.
+- `max_length` must hold every sample's visual tokens (1455 per SPHINX-1k image, all right after BOS); a sample
+  that cannot fit is refused by name instead of being cut.
+- `remove_unused_columns` is off so that the collator still sees each sample's `id` for its errors.
+- LoRA targets the LLM's linear layers only (the towers use other names but `all-linear` would reach them); the
+  projectors are trained through `modules_to_save` and the start/end embeddings as plain parameters saved with
+  every checkpoint (`image_boundaries.safetensors`), since PEFT can only save modules.
+- QLoRA quantizes the LLM alone: the towers, projectors and `lm_head` stay in 16-bit (`four_bit_config`).
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+from trl import SFTConfig, SFTTrainer, TrlParser
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+from .build import save_model_folder
+from .quantization import four_bit_config
+from .sft_data import load_mixture
+
+LLM_LINEAR_LAYERS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+PROJECTOR_LAYERS = ("visual_proj.0", "visual_proj.1", "qformer_proj.0", "qformer_proj.1")
+IMAGE_BOUNDARIES = ("model.start_img", "model.end_img")
+BOUNDARY_FILE = "image_boundaries.safetensors"
+
+
+@dataclass
+class SphinxTuningArguments:
+    """What to tune and on which data; the rest of a run is TRL's `SFTConfig`."""
+
+    model_name_or_path: str = field(metadata={"help": "SPHINX model folder or Hub id"})
+    mixture: str = field(metadata={"help": "task mixture YAML (modeling_sphinx.sft_data.read_mixture)"})
+    eval_mixture: str | None = field(default=None, metadata={"help": "held-out task mixture YAML"})
+    tuning: str = field(default="full", metadata={"help": "full, lora or qlora"})
+    dtype: str = field(default="bfloat16", metadata={"help": "dtype of the weights: bfloat16, float16, float32"})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: str = field(default=LLM_LINEAR_LAYERS, metadata={"help": "regex of the LoRA layers"})
+    train_projectors: bool = field(default=True, metadata={"help": "train the projectors and start/end embeddings"})
+    streaming: bool = field(default=False, metadata={"help": "stream the mixture (needs max_steps)"})
+    model_dir: str | None = field(default=None, metadata={"help": "final model folder (default OUTPUT_DIR/model)"})
+
+    def __post_init__(self):
+        if self.tuning not in ("full", "lora", "qlora"):
+            raise ValueError(f"tuning must be full, lora or qlora, got {self.tuning!r}")
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
+
+
+@dataclass
+class SphinxDataCollator(DataCollatorForVisionLanguageModeling):
+    """TRL's vision collator that never supervises `<image>` positions and refuses samples too long to keep."""
+
+    def torch_call(self, examples: list[dict]) -> dict:
+        if self.max_length is not None:
+            per_image = self.processor.num_image_tokens
+            for example in examples:
+                images = example.get("images") or ([example["image"]] if example.get("image") is not None else [])
+                needed = 1 + len(images) * per_image
+                if needed > self.max_length:
+                    raise ValueError(
+                        f"sample {example.get('id', '(no id)')}: its {len(images)} image(s) need {needed} positions "
+                        f"(BOS + {per_image} visual tokens each) but max_length is {self.max_length}; raise "
+                        "max_length or drop the sample"
+                    )
+        batch = super().torch_call(examples)
+        batch["labels"][batch["input_ids"] == self.processor.image_token_id] = -100
+        return batch
+
+
+class ImageBoundaryCheckpoints(TrainerCallback):
+    """Saves the start/end image embeddings in every checkpoint of a PEFT run, and restores them on resume."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def _parameters(self) -> dict[str, torch.nn.Parameter]:
+        named = dict(self.model.named_parameters())
+        return {name: named[key] for name in IMAGE_BOUNDARIES for key in named if key.endswith(name)}
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            tensors = {name: p.detach().cpu().contiguous() for name, p in self._parameters().items()}
+            save_file(tensors, folder / BOUNDARY_FILE)
+
+    def restore(self, checkpoint: str | Path):
+        saved = load_file(Path(checkpoint) / BOUNDARY_FILE)
+        with torch.no_grad():
+            for name, parameter in self._parameters().items():
+                parameter.copy_(saved[name].to(parameter.dtype))
+
+
+def _load_model(args: SphinxTuningArguments):
+    dtype = getattr(torch, args.dtype)
+    kwargs = {"dtype": dtype}
+    if args.tuning == "qlora":
+        kwargs["quantization_config"] = four_bit_config(dtype)
+    try:
+        return AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, **kwargs)
+    except OSError as error:
+        raise ValueError(f"cannot load {args.model_name_or_path!r}: {str(error).splitlines()[0]}") from None
+
+
+def _peft_config(args: SphinxTuningArguments, model):
+    if args.tuning == "full":
+        return None
+    from peft import LoraConfig
+
+    present = {name for name, _ in model.named_modules()}
+    projectors = [name for name in PROJECTOR_LAYERS if f"model.{name}" in present] if args.train_projectors else []
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules,
+        modules_to_save=projectors or None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def check_max_length(training_args: SFTConfig, processor):
+    needed = 1 + processor.num_image_tokens
+    if training_args.max_length is not None and training_args.max_length < needed:
+        raise ValueError(
+            f"max_length {training_args.max_length} cannot hold one image: SPHINX puts BOS and "
+            f"{processor.num_image_tokens} visual tokens before the text; use at least {needed} (the model's context, "
+            "e.g. 4096, is safe)"
+        )
+
+
+def train(args: SphinxTuningArguments, training_args: SFTConfig) -> Path:
+    """Run one fine-tuning job; returns the folder of the final, complete model."""
+    processor = AutoProcessor.from_pretrained(args.model_name_or_path)
+    check_max_length(training_args, processor)
+    if args.streaming and training_args.max_steps <= 0:
+        raise ValueError("a streamed mixture has no length: set max_steps")
+    train_dataset = load_mixture(args.mixture, streaming=args.streaming)
+    eval_dataset = load_mixture(args.eval_mixture) if args.eval_mixture else None
+    training_args.remove_unused_columns = False
+    model = _load_model(args)
+    peft_config = _peft_config(args, model)
+    collator = SphinxDataCollator(
+        processor=processor,
+        max_length=training_args.max_length,
+        assistant_only_loss=training_args.assistant_only_loss,
+        pad_to_multiple_of=training_args.pad_to_multiple_of,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        data_collator=collator,
+        peft_config=peft_config,
+    )
+    boundaries = None
+    if peft_config is not None and args.train_projectors:
+        boundaries = ImageBoundaryCheckpoints(trainer.model)
+        for parameter in boundaries._parameters().values():
+            parameter.requires_grad_(True)
+        trainer.add_callback(boundaries)
+    resume = training_args.resume_from_checkpoint
+    if resume and boundaries is not None:
+        boundaries.restore(resume)
+    trainer.train(resume_from_checkpoint=resume)
+    model_dir = Path(args.model_dir or Path(training_args.output_dir) / "model")
+    if trainer.accelerator.is_main_process:
+        final = _merged(trainer, args)
+        final.config.use_cache = True
+        provenance = {"kind": "fine-tuned", "base_model": args.model_name_or_path, "tuning": args.tuning}
+        save_model_folder(final.eval(), processor, model_dir, provenance=provenance)
+    trainer.accelerator.wait_for_everyone()
+    return model_dir
+
+
+def _merged(trainer: SFTTrainer, args: SphinxTuningArguments):
+    """The trained model as a plain SPHINX model: LoRA merged in; QLoRA merged into a 16-bit copy."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if args.tuning == "full":
+        return model
+    if args.tuning == "lora":
+        return model.merge_and_unload()
+    # QLoRA: merging into 4-bit weights would round the update away; merge into the 16-bit base instead
+    adapter = Path(trainer.args.output_dir) / "adapter"
+    model.save_pretrained(adapter)
+    trained_boundaries = {
+        name: p.detach().cpu() for name, p in model.named_parameters() if name.endswith(IMAGE_BOUNDARIES)
+    }
+    from peft import PeftModel
+
+    base = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=getattr(torch, args.dtype))
+    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    with torch.no_grad():
+        for name, parameter in merged.named_parameters():
+            for trained_name, value in trained_boundaries.items():
+                if trained_name.endswith(name):
+                    parameter.copy_(value.to(parameter.dtype))
+    return merged
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((SphinxTuningArguments, SFTConfig))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Parse `--config CONFIG.yaml` plus command-line overrides (paths relative to the working directory), train."""
+    args, training_args = make_parser().parse_args_and_config(args=argv)
+    return train(args, training_args)

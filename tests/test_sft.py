@@ -1,0 +1,523 @@
+"""Multi-task SFT: task formats and datasets, the collator's labels, and the TRL recipes end to end (issue 9)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from modeling_sphinx.processing.tasks_sphinx import (
+    TASK_INSTRUCTIONS,
+    format_box,
+    format_boxes,
+    format_grounded,
+    format_keypoints,
+    format_point,
+    parse_grounding,
+)
+from PIL import Image, ImageDraw
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from modeling_sphinx.cli import main
+from modeling_sphinx.hub import check_folder
+from modeling_sphinx.sft_data import DataError, build_samples, load_mixture, read_mixture
+from modeling_sphinx.training import SphinxDataCollator
+
+from .conftest import IMAGES
+
+REPO = Path(__file__).resolve().parents[1]
+WIDE = (100, 200)  # (height, width): padded to a 200-px square with 50 rows above the image
+
+
+def _write_jsonl(path: Path, rows: list[dict]):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A few generated images and one annotation file per supported format."""
+    root = tmp_path_factory.mktemp("world")
+    images = root / "images"
+    images.mkdir()
+    colours = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
+    for index, (name, colour) in enumerate(colours.items()):
+        image = Image.new("RGB", (200, 100), (235, 235, 235))
+        ImageDraw.Draw(image).rectangle([20 + 40 * index, 10, 120 + 40 * index, 60], fill=colour)
+        image.save(images / f"{name}.png")
+    _write_jsonl(
+        root / "vqa.jsonl",
+        [{"image": f"{n}.png", "question": "What colour is the box?", "answer": n} for n in colours],
+    )
+    _write_jsonl(
+        root / "refcoco.jsonl",
+        [{"image": "red.png", "expression": "the red box", "box": [20, 10, 120, 60], "id": "r1"}]
+        + [{"image": "blue.png", "sentences": ["a blue box", "the box"], "bbox": [60, 10, 100, 50], "id": "b1"}],
+    )
+    coco = {
+        "images": [{"id": 1, "file_name": "red.png", "width": 200, "height": 100}],
+        "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "dog"}],
+        "annotations": [
+            {"id": 10, "image_id": 1, "category_id": 1, "bbox": [20, 10, 100, 50], "iscrowd": 0},
+            {"id": 11, "image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40], "iscrowd": 0},
+            {"id": 12, "image_id": 1, "category_id": 2, "bbox": [140, 50, 60, 50], "iscrowd": 0},
+            {"id": 13, "image_id": 1, "category_id": 2, "bbox": [0, 0, 200, 100], "iscrowd": 1},
+        ],
+    }
+    (root / "instances.json").write_text(json.dumps(coco))
+    keypoints = [0] * 51
+    keypoints[0:3] = [100, 20, 2]  # nose
+    keypoints[15:18] = [80, 40, 1]  # left shoulder
+    people = {
+        "images": coco["images"],
+        "categories": [{"id": 1, "name": "person"}],
+        "annotations": [
+            {
+                "id": 20,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [20, 10, 100, 50],
+                "keypoints": keypoints,
+                "num_keypoints": 2,
+            }
+        ],
+    }
+    (root / "keypoints.json").write_text(json.dumps(people))
+    _write_jsonl(root / "ocr.jsonl", [{"image": "green.png", "texts": [{"text": "EXIT", "box": [100, 10, 200, 60]}]}])
+    _write_jsonl(root / "charts.jsonl", [{"image": "blue.png", "table": "| year | value |\n| 2020 | 3 |"}])
+    conversations = [
+        {
+            "id": "c1",
+            "image": "green.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is this?"},
+                {"from": "gpt", "value": "A green box."},
+                {"from": "human", "value": "Where is it?"},
+                {"from": "gpt", "value": "On the right."},
+            ],
+        }
+    ]
+    (root / "llava.json").write_text(json.dumps(conversations))
+    mixture = {
+        "seed": 0,
+        "sources": [
+            {"task": "vqa", "path": "vqa.jsonl", "image_root": "images", "weight": 2},
+            {"task": "referring_expression", "path": "refcoco.jsonl", "image_root": "images"},
+            {"task": "region_caption", "path": "refcoco.jsonl", "image_root": "images"},
+            {"task": "detection", "path": "instances.json", "image_root": "images"},
+            {"task": "grounded_caption", "path": "instances.json", "image_root": "images"},
+            {"task": "keypoints", "path": "keypoints.json", "image_root": "images"},
+            {"task": "text_detection", "path": "ocr.jsonl", "image_root": "images"},
+            {"task": "chart_to_table", "path": "charts.jsonl", "image_root": "images"},
+            {"task": "conversations", "path": "llava.json", "image_root": "images"},
+        ],
+    }
+    (root / "mixture.yaml").write_text(yaml.safe_dump(mixture))
+    return root
+
+
+def _by_task(world) -> dict[str, list[dict]]:
+    sources, _ = read_mixture(world / "mixture.yaml")
+    return {source.task: list(build_samples(source)) for source in sources}
+
+
+def _turns(sample: dict) -> list[tuple[str, str]]:
+    texts = [
+        next(part["text"] for part in message["content"] if part["type"] == "text") for message in sample["messages"]
+    ]
+    return list(zip(texts[::2], texts[1::2], strict=True))
+
+
+def test_task_builders_write_the_original_instructions_and_padded_square_coordinates(world):
+    samples = _by_task(world)
+    # red box [20, 10, 120, 60] in a 200x100 image: x / 200, (y + 50) / 200
+    rec = samples["referring_expression"][0]
+    assert _turns(rec) == [
+        (
+            "Please provide the bounding box coordinate of the region this sentence describes: the red box.",
+            "[0.10,0.30,0.60,0.55]",
+        )
+    ]
+    assert rec["images"] == [str(world / "images" / "red.png")] and rec["id"] == "refcoco.jsonl#r1/0"
+    assert rec["messages"][0]["content"][0] == {"type": "image"}
+    # a COCO [x, y, w, h] box, two sentences: two samples
+    blue = [s for s in samples["referring_expression"] if s["id"].startswith("refcoco.jsonl#b1")]
+    assert [_turns(s)[0][1] for s in blue] == ["[0.30,0.30,0.80,0.55]"] * 2
+    assert _turns(samples["region_caption"][0]) == [
+        ("Please provide a short description for this region: [0.10,0.30,0.60,0.55]", "the red box")
+    ]
+    detections = {_turns(s)[0][0]: _turns(s)[0][1] for s in samples["detection"]}
+    assert detections == {
+        "Detect all person shown in the image.": "[0.10,0.30,0.60,0.55;0.00,0.25,0.20,0.45]",
+        "Detect all dog shown in the image.": "[0.70,0.50,1.00,0.75]",  # the crowd annotation is skipped
+    }
+    assert _turns(samples["grounded_caption"][0]) == [
+        (
+            TASK_INSTRUCTIONS["grounded_caption"],
+            "<p>person</p>[0.10,0.30,0.60,0.55;0.00,0.25,0.20,0.45], <p>dog</p>[0.70,0.50,1.00,0.75]",
+        )
+    ]
+    assert _turns(samples["keypoints"][0]) == [
+        (
+            "Detect the key points of the person in the region [0.10,0.30,0.60,0.55].",
+            "<p>nose</p>[0.50,0.35], <p>left shoulder</p>[0.40,0.45]",
+        )
+    ]
+    assert _turns(samples["vqa"][0]) == [
+        ("What colour is the box?\nAnswer the question using a single word or phrase.", "red")
+    ]
+    assert _turns(samples["text_detection"][0]) == [
+        (TASK_INSTRUCTIONS["text_detection"], "<p>EXIT</p>[0.50,0.30,1.00,0.55]")
+    ]
+    assert _turns(samples["chart_to_table"][0])[0][0] == "Convert this chart to a table."
+    assert _turns(samples["conversations"][0]) == [
+        ("What is this?", "A green box."),
+        ("Where is it?", "On the right."),
+    ]
+
+
+def test_formatting_then_parsing_is_exact():
+    boxes = [[20.0, 10.0, 120.0, 60.0], [0.0, 0.0, 40.0, 40.0]]  # on the 2-decimal grid of a 200-px square
+    cases = [
+        (format_box(boxes[0], WIDE), boxes[:1]),
+        (format_boxes(boxes, WIDE), boxes),
+        (format_grounded([("a dog", boxes)], WIDE), boxes),
+    ]
+    for text, expected in cases:
+        parsed = parse_grounding(text, WIDE)
+        assert parsed.boxes == [pytest.approx(b) for b in expected]
+        if "<p>" in text:
+            assert format_grounded([(e.phrase, e.boxes) for e in parsed.entities], WIDE) == text
+        else:
+            assert format_boxes(parsed.boxes, WIDE) == text
+    keypoints = [0.0] * 51
+    keypoints[0:3], keypoints[48:51] = [100.0, 20.0, 2], [10.0, 90.0, 1]
+    text = format_keypoints(keypoints, WIDE)
+    parsed = parse_grounding(text, WIDE)
+    assert [(e.phrase, e.points) for e in parsed.entities] == [
+        ("nose", [pytest.approx([100.0, 20.0])]),
+        ("right ankle", [pytest.approx([10.0, 90.0])]),
+    ]
+    assert format_point(parsed.points[0], WIDE) == "[0.50,0.35]"
+    with pytest.raises(ValueError, match="51 numbers"):
+        format_keypoints([1, 2, 3], WIDE)
+
+
+def test_mixture_interleaves_sources_by_weight(world):
+    dataset = load_mixture(world / "mixture.yaml")
+    assert set(dataset.column_names) == {"messages", "images", "task", "id"}
+    tasks = set(dataset["task"])
+    assert tasks == {
+        "vqa",
+        "referring_expression",
+        "region_caption",
+        "detection",
+        "grounded_caption",
+        "keypoints",
+        "text_detection",
+        "chart_to_table",
+        "conversations",
+    }
+    assert load_mixture(world / "mixture.yaml")["id"] == dataset["id"]  # seeded
+    streamed = load_mixture(world / "mixture.yaml", streaming=True)
+    assert {row["task"] for row in streamed} == tasks
+
+
+def _mixture(tmp_path, entries):
+    path = tmp_path / "mixture.yaml"
+    path.write_text(yaml.safe_dump({"sources": entries}))
+    return path
+
+
+def test_bad_data_is_named(world, tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    _write_jsonl(missing, [{"image": "nowhere.png", "question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match=rf"{missing}, record 0: image file '.*nowhere.png' does not exist"):
+        load_mixture(_mixture(tmp_path, [{"task": "vqa", "path": str(missing)}]))
+    outside = tmp_path / "outside.jsonl"
+    _write_jsonl(outside, [{"image": "red.png", "expression": "x", "box": [150, 10, 260, 60]}])
+    entry = {"task": "referring_expression", "path": str(outside), "image_root": str(world / "images")}
+    with pytest.raises(DataError, match=r"record 0: box \[150, 10, 260, 60\] is not inside the 200x100 image"):
+        load_mixture(_mixture(tmp_path, [entry]))
+    with pytest.raises(DataError, match="unknown task 'segmentation'; known: conversations, vqa"):
+        load_mixture(_mixture(tmp_path, [{"task": "segmentation", "path": "x.json"}]))
+    bad_turns = tmp_path / "turns.json"
+    bad_turns.write_text(
+        json.dumps(
+            [{"image": "red.png", "conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}]
+        )
+    )
+    entry = {"task": "conversations", "path": str(bad_turns), "image_root": str(world / "images")}
+    with pytest.raises(DataError, match=r"turns.json, record 0: the conversation must alternate 'human' and 'gpt'"):
+        load_mixture(_mixture(tmp_path, [entry]))
+
+
+@pytest.fixture(scope="module")
+def tiny_sphinx(tiny_model_dir):
+    return tiny_model_dir("sphinx")
+
+
+def test_labels_supervise_exactly_the_answers(world, tiny_sphinx):
+    processor = AutoProcessor.from_pretrained(tiny_sphinx)
+    samples = _by_task(world)
+    batch_samples = [samples["conversations"][0], samples["referring_expression"][0], samples["vqa"][1]]
+    for assistant_only in (True, False):
+        collator = SphinxDataCollator(processor=processor, max_length=4096, assistant_only_loss=assistant_only)
+        batch = collator([dict(s) for s in batch_samples])
+        labels, ids = batch["labels"], batch["input_ids"]
+        assert not (labels == processor.image_token_id).any()
+        assert (labels[batch["attention_mask"] == 0] == -100).all()
+        if not assistant_only:
+            continue
+        for row, sample in enumerate(batch_samples):
+            supervised = labels[row][labels[row] != -100]
+            expected = "".join(f" {answer}\n###" for _, answer in _turns(sample))
+            assert processor.tokenizer.decode(supervised).strip() == expected.strip()
+            # the supervised ids are exactly the answers' ids as they sit in the prompt
+            positions = (labels[row] != -100).nonzero().flatten()
+            assert torch.equal(ids[row][positions], supervised)
+    tight = SphinxDataCollator(processor=processor, max_length=200, assistant_only_loss=True)
+    with pytest.raises(ValueError, match=r"sample refcoco.jsonl#r1/0: its 1 image\(s\) need 292 positions"):
+        tight([dict(samples["referring_expression"][0])])
+
+
+def _train_args(tiny, world, out, *extra):
+    return [
+        "train",
+        str(REPO / "recipes" / "sft" / "smoke.yaml"),
+        "--model_name_or_path",
+        str(tiny),
+        "--mixture",
+        str(world / "mixture.yaml"),
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
+
+
+def _losses(out: Path) -> list[float]:
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+def test_smoke_preset_trains_saves_resumes_and_reloads(world, tiny_sphinx, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_sphinx, world, out)) == 0
+    assert "trained model saved to" in capsys.readouterr().out
+    losses = _losses(out)
+    assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-4", "checkpoint-8"}
+    model = AutoModelForImageTextToText.from_pretrained(out / "model").eval()
+    processor = AutoProcessor.from_pretrained(out / "model")
+    assert (out / "model" / "modeling_sphinx.py").is_file() and (out / "model" / "README.md").is_file()
+    assert check_folder(out / "model")  # what `sphinx-mllm push` uploads
+    inputs = processor(
+        text="<image>What colour is the box?", images=Image.open(world / "images" / "red.png"), return_tensors="pt"
+    )
+    assert model.generate(**inputs, max_new_tokens=3).shape[1] == inputs["input_ids"].shape[1] + 3
+
+    resumed = tmp_path / "resumed"
+    (resumed).mkdir()
+    os.symlink(out / "checkpoint-4", resumed / "checkpoint-4")
+    args = _train_args(tiny_sphinx, world, resumed, "--resume_from_checkpoint", str(resumed / "checkpoint-4"))
+    assert main(args) == 0
+    state = json.loads((resumed / "checkpoint-8" / "trainer_state.json").read_text())
+    assert state["global_step"] == 8
+    assert [e["loss"] for e in state["log_history"] if "loss" in e][4:] == pytest.approx(losses[4:], rel=1e-4)
+
+
+def test_lora_trains_only_the_named_modules_and_merges_back(world, tiny_sphinx, tmp_path):
+    out = tmp_path / "lora"
+    assert main(_train_args(tiny_sphinx, world, out, "--tuning", "lora", "--learning_rate", "5e-3")) == 0
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    checkpoint = out / "checkpoint-8"
+    adapter = load_file(checkpoint / "adapter_model.safetensors")
+    assert {k.split(".lora_")[0].split(".")[-1] for k in adapter if ".lora_" in k} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    assert all("language_model.layers" in k for k in adapter if ".lora_" in k)
+    saved_projectors = {k for k in adapter if ".lora_" not in k}
+    assert saved_projectors and all("visual_proj" in k or "qformer_proj" in k for k in saved_projectors)
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_sphinx)
+    merged = AutoModelForImageTextToText.from_pretrained(out / "model").eval()
+    boundaries = load_file(checkpoint / "image_boundaries.safetensors")
+    assert not torch.equal(boundaries["model.start_img"], base.model.start_img)  # trained
+    assert torch.equal(merged.model.start_img, boundaries["model.start_img"])
+    peft_model = PeftModel.from_pretrained(base, checkpoint).eval()
+    with torch.no_grad():
+        peft_model.base_model.model.model.start_img.copy_(boundaries["model.start_img"])
+        peft_model.base_model.model.model.end_img.copy_(boundaries["model.end_img"])
+    processor = AutoProcessor.from_pretrained(tiny_sphinx)
+    inputs = processor(
+        text="<image>Where is the box?", images=Image.open(world / "images" / "blue.png"), return_tensors="pt"
+    )
+    with torch.no_grad():
+        assert torch.allclose(peft_model(**inputs).logits, merged(**inputs).logits, atol=1e-5)
+    original = AutoModelForImageTextToText.from_pretrained(tiny_sphinx).state_dict()
+    for name, tensor in merged.state_dict().items():
+        if name.startswith(("model.clip.", "model.convnext.", "model.dinov2.", "model.qformer.")):
+            assert torch.equal(tensor, original[name]), name  # the towers are never trained
+
+
+def test_two_process_run_on_cpu(world, tiny_sphinx, tmp_path):
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--cpu",
+        str(REPO / "recipes" / "sft" / "sft_sphinx.py"),
+        "--config",
+        str(REPO / "recipes" / "sft" / "smoke.yaml"),
+        "--model_name_or_path",
+        str(tiny_sphinx),
+        "--mixture",
+        str(world / "mixture.yaml"),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "4",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert AutoModelForImageTextToText.from_pretrained(out / "model") is not None
+
+
+def test_unknown_config_and_too_short_max_length(world, tiny_sphinx, tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "training config" in capsys.readouterr().err
+    args = _train_args(tiny_sphinx, world, tmp_path / "x", "--max_length", "100")
+    assert main(args) == 2
+    assert "max_length 100 cannot hold one image" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "model").exists()
+
+
+def test_qlora_trains_with_the_towers_in_16_bit(world, tiny_sphinx, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs the quant extra (pip install -e '.[quant]')")
+    import bitsandbytes as bnb
+
+    from modeling_sphinx.training import SphinxTuningArguments, _load_model
+
+    args = SphinxTuningArguments(
+        model_name_or_path=str(tiny_sphinx), mixture="unused", tuning="qlora", dtype="float32"
+    )
+    model = _load_model(args)
+    four_bit = {name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+    assert four_bit and all(".language_model.layers." in name for name in four_bit)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.model.visual_proj.modules())
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    out = tmp_path / "qlora"
+    # TRL casts the trainable parameters of a quantized model to bfloat16, so QLoRA computes in bfloat16
+    extra = (
+        "--tuning",
+        "qlora",
+        "--dtype",
+        "bfloat16",
+        "--learning_rate",
+        "5e-3",
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "4",
+    )
+    assert main(_train_args(tiny_sphinx, world, out, *extra)) == 0
+    merged = AutoModelForImageTextToText.from_pretrained(out / "model")
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())  # merged into a 16-bit copy
+    base = AutoModelForImageTextToText.from_pretrained(tiny_sphinx, dtype=torch.bfloat16).state_dict()
+    merged_state = merged.state_dict()
+    assert merged_state["model.language_model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    changed = {n for n, t in merged_state.items() if not torch.equal(t, base[n])}
+    assert any(".language_model.layers." in n and n.endswith("q_proj.weight") for n in changed), "LoRA merged in"
+    assert not any(
+        n.startswith(("model.clip.", "model.dinov2.", "model.convnext.", "model.qformer.")) for n in changed
+    )
+
+
+def test_chat_in_4_bit_answers_on_cpu(tiny_sphinx, capsys, monkeypatch):
+    pytest.importorskip("bitsandbytes", reason="--load-in-4bit needs the quant extra (pip install -e '.[quant]')")
+    import bitsandbytes as bnb
+    from transformers import AutoModelForImageTextToText as Auto
+
+    loaded = []
+    original = Auto.from_pretrained
+
+    def spy(*args, **kwargs):
+        model = original(*args, **kwargs)
+        loaded.append(model)
+        return model
+
+    monkeypatch.setattr(Auto, "from_pretrained", spy)
+    image = str(IMAGES / "astronaut.png")
+    code = main(
+        ["chat", str(tiny_sphinx), "--image", image, "--prompt", "Hi", "--max-new-tokens", "3", "--load-in-4bit"]
+    )
+    assert code == 0 and capsys.readouterr().out.strip()
+    model = loaded[0]
+    linears = [
+        m for n, m in model.named_modules() if ".language_model.layers." in n and isinstance(m, torch.nn.Linear)
+    ]
+    assert linears and all(isinstance(m, bnb.nn.Linear4bit) for m in linears)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.model.clip.modules())
+
+
+@pytest.mark.parametrize("variant", ["sphinx-1k", "sphinx-tiny-1k", "sphinx-moe"])
+def test_trl_fsdp_configs_resolve_their_wrap_policy(variant):
+    import trl
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    from modeling_sphinx import SphinxConfig, SphinxForConditionalGeneration
+
+    model = SphinxForConditionalGeneration(SphinxConfig.from_variant(variant, tiny=True))
+    blocks = {name: sum(type(m).__name__ == name for m in model.modules()) for name in model._no_split_modules}
+    assert all(count > 0 for count in blocks.values()), blocks  # only classes the variant has
+    configs = Path(trl.__file__).parent / "accelerate_configs"
+    for name in ("fsdp1", "fsdp2"):
+        fsdp = yaml.safe_load((configs / f"{name}.yaml").read_text())["fsdp_config"]
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=fsdp["fsdp_version"], auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"].lower()
+        )
+        if plugin.fsdp_version == 2:
+            policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+            wrapped = sum(policy(module) for module in model.modules())
+        else:
+            plugin.set_auto_wrap_policy(model)
+            wrapped = sum(
+                plugin.auto_wrap_policy(module=m, recurse=False, nonwrapped_numel=0) for m in model.modules()
+            )
+        assert wrapped == sum(blocks.values()), name
+    for name in ("multi_gpu", "zero3"):
+        assert yaml.safe_load((configs / f"{name}.yaml").read_text())["distributed_type"] in ("MULTI_GPU", "DEEPSPEED")
+
+
+def test_a_failed_final_save_leaves_nothing_behind(world, tiny_sphinx, tmp_path, monkeypatch, capsys):
+    import modeling_sphinx.card
+
+    def broken_card(*args, **kwargs):
+        raise ValueError("disk full while writing the card")
+
+    monkeypatch.setattr(modeling_sphinx.card, "write_model_card", broken_card)
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_sphinx, world, out, "--max_steps", "2", "--save_steps", "2")) == 2
+    assert "disk full while writing the card" in capsys.readouterr().err
+    assert (out / "checkpoint-2").is_dir()  # the training itself is kept
+    assert not (out / "model").exists() and not list(out.glob(".model.*partial"))
