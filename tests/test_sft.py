@@ -21,6 +21,7 @@ from modeling_sphinx.processing.tasks_sphinx import (
 from PIL import Image, ImageDraw
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from modeling_sphinx.build import init_model
 from modeling_sphinx.cli import main
 from modeling_sphinx.hub import check_folder
 from modeling_sphinx.sft_data import DataError, build_samples, load_mixture, read_mixture
@@ -521,3 +522,34 @@ def test_a_failed_final_save_leaves_nothing_behind(world, tiny_sphinx, tmp_path,
     assert "disk full while writing the card" in capsys.readouterr().err
     assert (out / "checkpoint-2").is_dir()  # the training itself is kept
     assert not (out / "model").exists() and not list(out.glob(".model.*partial"))
+
+
+def test_moe_load_balancing_loss_trains(world, tmp_path):
+    folder = init_model("sphinx-moe", tmp_path / "moe", tiny=True, text_config={"router_aux_loss_coef": 0.02})
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    inputs = processor(text="<image>Hi there", images=Image.open(world / "images" / "red.png"), return_tensors="pt")
+    out = model(**inputs, labels=inputs["input_ids"], output_router_logits=True)
+    assert out.aux_loss is not None and len(out.router_logits) == model.config.text_config.num_hidden_layers
+    plain = model(**inputs, labels=inputs["input_ids"])
+    assert torch.allclose(out.loss, plain.loss + 0.02 * out.aux_loss)
+    run = tmp_path / "run"
+    assert (
+        main(_train_args(folder, world, run, "--max_steps", "2", "--save_steps", "2")) == 0
+    )  # TRL asks for router logits
+
+
+def test_whole_projectors_as_peft_modules_to_save(tiny_sphinx, world):
+    from peft import LoraConfig, get_peft_model
+
+    from modeling_sphinx.training import LLM_LINEAR_LAYERS
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_sphinx)
+    config = LoraConfig(target_modules=LLM_LINEAR_LAYERS, modules_to_save=["visual_proj", "qformer_proj"])
+    peft_model = get_peft_model(model, config)
+    processor = AutoProcessor.from_pretrained(tiny_sphinx)
+    inputs = processor(text="<image>Hi", images=Image.open(world / "images" / "red.png"), return_tensors="pt")
+    loss = peft_model(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    trained = {n for n, p in peft_model.named_parameters() if p.grad is not None}
+    assert any("visual_proj.modules_to_save" in n for n in trained) and any("lora_" in n for n in trained)
