@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -159,6 +160,7 @@ def test_default_path_reproduces_original_without_the_package(converted, fixture
         text=True,
         cwd=tmp_path,
         timeout=600,
+        env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")},  # this folder's code, not a cached one
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
