@@ -27,6 +27,19 @@ TEXT = dict(
 )
 
 
+def llava_config() -> LlavaConfig:
+    """LLaVA with the same LLM and a tiny 532-px CLIP tower: 38 x 38 = 1444 patch tokens per image."""
+    vision = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=532,
+        patch_size=14,
+    )
+    return LlavaConfig(vision_config=vision, text_config=LlamaConfig(**TEXT), image_token_index=32000)
+
+
 def timed(fn, repeats: int, device: str) -> float:
     times = []
     for _ in range(repeats):
@@ -90,19 +103,7 @@ def main():
         "pixel_values": torch.randn(1, 3, 448, 448, device=args.device, dtype=dtype),
     }
 
-    llava_config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=532,
-            patch_size=14,
-        ),
-        text_config=LlamaConfig(**TEXT),
-        image_token_index=32000,
-    )
-    llava = LlavaForConditionalGeneration(llava_config).to(args.device, dtype).eval()
+    llava = LlavaForConditionalGeneration(llava_config()).to(args.device, dtype).eval()
     llava_visual = (532 // 14) ** 2
     extra = n_visual - llava_visual
     llava_ids = torch.cat(

@@ -20,8 +20,8 @@ import sys
 import time
 
 import torch
-from bench_inference import TEXT
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from bench_inference import TEXT, llava_config
+from transformers import LlavaForConditionalGeneration
 
 from modeling_sphinx import SphinxConfig, SphinxForConditionalGeneration
 
@@ -37,17 +37,7 @@ def build(name: str, device: str, dtype: torch.dtype):
         model = SphinxForConditionalGeneration(config)
         visual, side, extra = config.num_image_tokens, config.image_size, 0
     else:
-        vision = CLIPVisionConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=532,
-            patch_size=14,
-        )
-        model = LlavaForConditionalGeneration(
-            LlavaConfig(vision_config=vision, text_config=LlamaConfig(**TEXT), image_token_index=32000)
-        )
+        model = LlavaForConditionalGeneration(llava_config())
         model.model.vision_tower.requires_grad_(False)
         visual, side = (532 // 14) ** 2, 532
         extra = 1455 - visual
