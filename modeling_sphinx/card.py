@@ -105,3 +105,28 @@ def write_model_card(folder: str | Path, provenance: dict, **kwargs) -> Path:
     path = Path(folder) / "README.md"
     render_model_card(folder, provenance, **kwargs).save(path)
     return path
+
+
+EVAL_RESULT_FIELDS = ("task_name", "dataset_type", "dataset_name", "metric_type", "metric_name", "metric_value")
+
+
+def read_card_facts(folder: str | Path) -> tuple[dict, dict]:
+    """What the folder's `README.md` records, to render it again: `(provenance, render_model_card kwargs)`."""
+    provenance = {}
+    kwargs = {"base_models": None, "datasets": None, "license": None, "eval_results": []}
+    readme = Path(folder) / "README.md"
+    if readme.is_file():
+        card = ModelCard.load(readme)
+        data = card.data.to_dict()
+        provenance = data.get("sphinx_mllm") or {}
+        bases = data.get("base_model")
+        kwargs.update(
+            base_models=[bases] if isinstance(bases, str) else bases,
+            datasets=data.get("datasets"),
+            license=data.get("license"),
+            eval_results=[
+                {field: getattr(result, field) for field in EVAL_RESULT_FIELDS if getattr(result, field) is not None}
+                for result in card.data.eval_results or []
+            ],
+        )
+    return provenance, kwargs

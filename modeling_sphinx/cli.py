@@ -1,10 +1,11 @@
-"""`sphinx-mllm` command line: init, chat, convert, mix, train, push.
+"""`sphinx-mllm` command line: init, chat, convert, mix, train, eval, push.
 
 Heavy imports happen inside the commands that need them, so `--help`, `mix` and `push` start fast (see
 `sphinx_mllm_cli`, the command's entry point).
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -58,6 +59,33 @@ def _cmd_train(args):
     except DataError as error:
         raise ValueError(str(error)) from None
     print(f"trained model saved to {out}")
+
+
+def _cmd_eval(args):
+    register_models()
+    from .evaluation import evaluate, record_in_card
+
+    processor, model = _load_for_chat(args)
+    model.eval()
+    out = Path(args.out or Path("runs") / "eval" / f"{Path(args.model).name}-{args.task}")
+    results = evaluate(
+        model,
+        processor,
+        args.task,
+        args.data,
+        out,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        resume=args.resume,
+    )
+    print(json.dumps(results, indent=2))
+    print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
+    if args.record_in_card:
+        if not Path(args.model).is_dir():
+            raise ValueError("--record-in-card writes into a local model folder's README.md")
+        card = record_in_card(args.model, args.task, args.dataset_name or Path(args.data).stem, results)
+        print(f"recorded the results in {card}")
 
 
 def _cmd_push(args):
@@ -213,6 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="recipe YAML: SphinxTuningArguments and TRL SFTConfig fields")
     train.add_argument("overrides", nargs=argparse.REMAINDER, help="e.g. --max_steps 10 --output_dir runs/x")
     train.set_defaults(func=_cmd_train)
+
+    evaluate = commands.add_parser("eval", help="score a model on one task over local data")
+    evaluate.add_argument("model", help="model folder or Hub id")
+    evaluate.add_argument("--task", required=True, help="vqa, vizwiz, multiple_choice, pope or rec")
+    evaluate.add_argument("--data", required=True, help="JSONL, JSON or Parquet file, or a datasets folder")
+    evaluate.add_argument("--out", help="output folder (default runs/eval/MODEL-TASK)")
+    evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.add_argument("--limit", type=int, help="only the first N rows")
+    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--resume", action="store_true", help="continue an interrupted run in the same --out")
+    evaluate.add_argument("--record-in-card", action="store_true", help="add the metrics to the folder's model card")
+    evaluate.add_argument("--dataset-name", help="name for the card's model-index (default: the data file's name)")
+    evaluate.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    evaluate.add_argument("--device-map", default=None)
+    evaluate.add_argument("--load-in-4bit", action="store_true")
+    evaluate.set_defaults(func=_cmd_eval)
 
     push = commands.add_parser("push", help="upload a model folder to the Hub with a rendered model card")
     push.add_argument("folder")

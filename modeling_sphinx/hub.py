@@ -13,7 +13,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .card import render_model_card
+from .card import read_card_facts, render_model_card
 
 PROCESSOR_FILES = ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 SKIPPED = ("README.md",)
@@ -68,18 +68,7 @@ def check_folder(folder: str | Path) -> list[Path]:
 
 def card_for_push(folder: Path, repo_id: str, license: str | None = None) -> ModelCard:
     """Re-render the folder's card (or a new one) for `repo_id`, keeping what the existing card records."""
-    provenance, kwargs = {}, {}
-    readme = folder / "README.md"
-    if readme.is_file():
-        data = ModelCard.load(readme).data.to_dict()
-        provenance = data.get("sphinx_mllm") or {}
-        kwargs = {
-            "base_models": data.get("base_model"),
-            "datasets": data.get("datasets"),
-            "license": data.get("license"),
-        }
-        if isinstance(kwargs["base_models"], str):
-            kwargs["base_models"] = [kwargs["base_models"]]
+    provenance, kwargs = read_card_facts(folder)
     if license is not None:
         kwargs["license"] = license
     return render_model_card(folder, provenance, repo_id=repo_id, **kwargs)

@@ -1,0 +1,291 @@
+"""`sphinx-mllm eval`: one benchmark task over local data, with the original instruction and metric.
+
+`evaluate(model, task, data, out_dir)` reads a JSONL / JSON / Parquet file or a `datasets` folder
+(`save_to_disk`), asks every row's question with the task's SPHINX instruction (batched greedy generation,
+left padding), appends one line per sample to `predictions.jsonl` (`id`, `prompt`, `answer` (raw), `parsed`,
+`target`, `score`; flushed per batch, so a crash keeps what was written and `resume=True` continues after
+it) and writes `metrics.json` from every line. Images are paths (relative to the data file) or embedded
+(`datasets` images, PIL images, or `{"bytes": ...}`).
+
+| task | columns | instruction | metric (`modeling_sphinx.metrics`) |
+|---|---|---|---|
+| `vqa` | `image`, `question`, `answer` (str) or `answers` (list) | `vqa_short` | VQAv2 soft accuracy / exact match |
+| `vizwiz` | same | `vqa_vizwiz` | same, "unanswerable" included |
+| `multiple_choice` | `image`, `question`, `options` (list), `answer` (letter) | options as `A. ...` lines | accuracy |
+| `pope` | `image`, `question`, `answer` (yes/no) | `vqa_short` | accuracy, precision, recall, F1, yes-ratio |
+| `rec` | `image`, `expression`, `box` `[x1,y1,x2,y2]` or COCO `bbox` (pixels) | `referring_expression` | Acc@IoU>=0.5, mean IoU |
+"""
+
+import io
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import PIL.Image
+
+from . import metrics
+from .processing.tasks_sphinx import TASK_INSTRUCTIONS
+
+MULTIPLE_CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """How a task asks, reads the answer, scores one sample and aggregates."""
+
+    columns: tuple[tuple[str, ...], ...]  # each entry: one of these column names must be present
+    prompt: Callable[[dict], str]
+    parse: Callable[[str, dict, tuple[int, int]], object]
+    target: Callable[[dict, tuple[int, int]], object]
+    score: Callable[[object, object], float]
+    aggregate: Callable[[list[dict]], dict[str, float]]
+
+
+def _answers(row: dict) -> list[str]:
+    answers = row.get("answers")
+    if answers is None:
+        answers = [row["answer"]]
+    return [a["answer"] if isinstance(a, dict) else str(a) for a in answers]
+
+
+def _mean_score(name: str) -> Callable[[list[dict]], dict[str, float]]:
+    return lambda rows: {name: sum(r["score"] for r in rows) / len(rows)}
+
+
+def _box(row: dict, image_size: tuple[int, int]) -> list[float]:
+    height, width = image_size
+    if row.get("box") is not None:
+        box = [float(v) for v in row["box"]]
+    else:
+        x, y, w, h = (float(v) for v in row["bbox"])
+        box = [x, y, x + w, y + h]
+    if not (0 <= box[0] < box[2] <= width + 0.5 and 0 <= box[1] < box[3] <= height + 0.5):
+        raise ValueError(f"box {box} is not inside the {width}x{height} image")
+    return box
+
+
+def _vqa(instruction: str) -> EvalTask:
+    return EvalTask(
+        columns=(("image",), ("question",), ("answer", "answers")),
+        prompt=lambda row: TASK_INSTRUCTIONS[instruction].format(question=row["question"]),
+        parse=lambda answer, row, size: answer.strip(),
+        target=lambda row, size: _answers(row),
+        score=metrics.vqa_accuracy,
+        aggregate=_mean_score("accuracy"),
+    )
+
+
+def _multiple_choice_prompt(row: dict) -> str:
+    options = "\n".join(f"{chr(ord('A') + i)}. {option}" for i, option in enumerate(row["options"]))
+    return f"{row['question']}\n{options}\n{MULTIPLE_CHOICE_SUFFIX}"
+
+
+EVAL_TASKS: dict[str, EvalTask] = {
+    "vqa": _vqa("vqa_short"),
+    "vizwiz": _vqa("vqa_vizwiz"),
+    "multiple_choice": EvalTask(
+        columns=(("image",), ("question",), ("options",), ("answer",)),
+        prompt=_multiple_choice_prompt,
+        parse=lambda answer, row, size: metrics.multiple_choice_letter(answer, list(row["options"])),
+        target=lambda row, size: str(row["answer"]).strip().upper(),
+        score=lambda parsed, target: float(parsed == target),
+        aggregate=_mean_score("accuracy"),
+    ),
+    "pope": EvalTask(
+        columns=(("image",), ("question",), ("answer",)),
+        prompt=lambda row: TASK_INSTRUCTIONS["vqa_short"].format(question=row["question"]),
+        parse=lambda answer, row, size: metrics.yes_or_no(answer),
+        target=lambda row, size: str(row["answer"]).strip().lower(),
+        score=lambda parsed, target: float(parsed == target),
+        aggregate=lambda rows: metrics.pope_metrics([r["parsed"] for r in rows], [r["target"] for r in rows]),
+    ),
+    "rec": EvalTask(
+        columns=(("image",), ("expression",), ("box", "bbox")),
+        prompt=lambda row: TASK_INSTRUCTIONS["referring_expression"].format(
+            expression=str(row["expression"]).rstrip(".")
+        ),
+        parse=lambda answer, row, size: metrics.predicted_box(answer, size),
+        target=_box,
+        score=lambda parsed, target: metrics.box_iou(parsed, target) if parsed is not None else 0.0,
+        aggregate=lambda rows: metrics.rec_metrics([r["parsed"] for r in rows], [r["target"] for r in rows]),
+    ),
+}
+
+
+def load_rows(data: str | Path) -> tuple[list[dict], Path]:
+    """Rows of a JSONL / JSON / Parquet file or a `datasets` folder, and the folder image paths are relative to."""
+    from .sft_data import DataError, _read_rows
+
+    data = Path(data)
+    if data.is_dir():
+        import datasets
+
+        try:
+            loaded = datasets.load_from_disk(str(data))
+        except (FileNotFoundError, ValueError) as error:
+            raise ValueError(f"{data}: not a datasets folder written by save_to_disk: {error}") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = loaded[next(iter(loaded))]
+        return list(loaded), data
+    try:
+        return _read_rows(data), data.parent
+    except DataError as error:
+        raise ValueError(str(error)) from None
+
+
+def _open_image(value, root: Path, where: str) -> PIL.Image.Image:
+    from .processing.image_processing_sphinx import load_image_file, to_rgb
+
+    if isinstance(value, PIL.Image.Image):
+        return to_rgb(value)
+    if isinstance(value, dict) and value.get("bytes"):
+        return to_rgb(PIL.Image.open(io.BytesIO(value["bytes"])))
+    path = value.get("path") if isinstance(value, dict) else value
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{where}: the image is neither a path, a PIL image nor embedded bytes")
+    full = Path(path) if Path(path).is_absolute() else root / path
+    if not full.is_file():
+        raise ValueError(f"{where}: image file {str(full)!r} does not exist")
+    return to_rgb(load_image_file(str(full)))
+
+
+def _check_columns(task: EvalTask, rows: list[dict], data: Path):
+    if not rows:
+        raise ValueError(f"{data}: no rows to evaluate")
+    present = set(rows[0])
+    missing = [" or ".join(group) for group in task.columns if not present & set(group)]
+    if missing:
+        raise ValueError(f"{data}: missing columns {missing} (the rows have {sorted(present)})")
+
+
+def _done_ids(predictions: Path) -> list[dict]:
+    if not predictions.is_file():
+        return []
+    kept = []
+    for line in predictions.read_text().splitlines():
+        try:
+            kept.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a crash is asked again
+            break
+    return kept
+
+
+def evaluate(
+    model,
+    processor,
+    task: str,
+    data: str | Path,
+    out_dir: str | Path,
+    batch_size: int = 4,
+    limit: int | None = None,
+    max_new_tokens: int = 64,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Evaluate `model` on one task; returns the metrics also written to `out_dir/metrics.json`."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if task not in EVAL_TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(EVAL_TASKS)}")
+    spec = EVAL_TASKS[task]
+    rows, root = load_rows(data)
+    _check_columns(spec, rows, Path(data))
+    rows = rows[:limit] if limit is not None else rows
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictions = out_dir / "predictions.jsonl"
+    written = _done_ids(predictions) if resume else []
+    if not resume and predictions.exists():
+        raise ValueError(f"{predictions} exists; pass resume=True (--resume) to continue it or choose another folder")
+    done = {record["id"] for record in written}
+    with predictions.open("w") as handle:  # rewrite what survived, then append
+        for record in written:
+            handle.write(json.dumps(record) + "\n")
+    pending = [(index, row) for index, row in enumerate(rows) if _row_id(row, index) not in done]
+    bar = tqdm(total=len(rows), initial=len(rows) - len(pending), desc=f"eval {task}", disable=not progress)
+    with predictions.open("a") as handle:
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start : start + batch_size]
+            images, prompts, targets = [], [], []
+            for index, row in batch:
+                where = f"{data}, row {_row_id(row, index)}"
+                image = _open_image(row["image"], root, where)
+                size = (image.height, image.width)
+                try:
+                    targets.append(spec.target(row, size))
+                except (KeyError, ValueError) as error:
+                    raise ValueError(f"{where}: {error}") from None
+                images.append(image)
+                prompts.append(spec.prompt(row))
+            messages = [
+                [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+                for image, prompt in zip(images, prompts, strict=True)
+            ]
+            inputs = processor.apply_chat_template(
+                messages,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                processor_kwargs={"padding": True},
+            ).to(model.device)
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            with torch.inference_mode():
+                generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            answers = processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])
+            for (index, row), image, prompt, answer, target in zip(
+                batch, images, prompts, answers, targets, strict=True
+            ):
+                parsed = spec.parse(answer, row, (image.height, image.width))
+                record = {
+                    "id": _row_id(row, index),
+                    "prompt": prompt,
+                    "answer": answer,
+                    "parsed": parsed,
+                    "target": target,
+                    "score": spec.score(parsed, target),
+                }
+                handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            bar.update(len(batch))
+    bar.close()
+    records = _done_ids(predictions)
+    result = spec.aggregate(records)
+    result["samples"] = len(records)
+    staging = out_dir / ".metrics.json.partial"
+    staging.write_text(json.dumps({"task": task, "data": str(data), "metrics": result}, indent=2) + "\n")
+    os.replace(staging, out_dir / "metrics.json")
+    return result
+
+
+def _row_id(row: dict, index: int):
+    for key in ("id", "question_id"):
+        if row.get(key) is not None:
+            return row[key]
+    return index
+
+
+def record_in_card(model_dir: str | Path, task: str, dataset_name: str, results: dict[str, float]) -> Path:
+    """Add the results to the folder's model card as `model-index` metadata (replacing earlier ones of the task)."""
+    from .card import read_card_facts, write_model_card
+
+    provenance, kwargs = read_card_facts(model_dir)
+    kept = [
+        r for r in kwargs.pop("eval_results") if not (r["dataset_name"] == dataset_name and r.get("task_name") == task)
+    ]
+    for name, value in results.items():
+        if name != "samples":
+            kept.append(
+                {
+                    "task_name": task,
+                    "dataset_type": dataset_name,
+                    "dataset_name": dataset_name,
+                    "metric_type": name,
+                    "metric_name": name,
+                    "metric_value": float(value),
+                }
+            )
+    return write_model_card(model_dir, provenance, eval_results=kept, **kwargs)
