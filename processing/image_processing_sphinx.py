@@ -17,9 +17,11 @@ This file is copied flat into saved model folders as remote code.
 
 import math
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import PIL.Image
+import PIL.ImageFile
 import PIL.ImageOps
 import torch
 from transformers.image_processing_backends import PilBackend, TorchvisionBackend
@@ -30,12 +32,24 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelD
 _HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
+@contextmanager
+def _refusing_truncated_images():
+    """Decode with Pillow's own default (truncated files raise), whatever another library set globally
+    (lmms-eval, for one, sets `ImageFile.LOAD_TRUNCATED_IMAGES = True` when imported)."""
+    previous = PIL.ImageFile.LOAD_TRUNCATED_IMAGES
+    PIL.ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        PIL.ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
 def load_image_file(path: str) -> PIL.Image.Image:
     """Open and fully decode an image file, with EXIF orientation applied."""
     if not os.path.isfile(path):
         raise ValueError(f"image file {path!r} does not exist (URLs are not fetched; download the image first)")
     try:
-        with PIL.Image.open(path) as image:
+        with PIL.Image.open(path) as image, _refusing_truncated_images():
             image.load()
             return PIL.ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
@@ -45,7 +59,8 @@ def load_image_file(path: str) -> PIL.Image.Image:
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """8-bit RGB version of any PIL image; 16-bit and float images are scaled, alpha is dropped (as the original)."""
     try:
-        image.load()
+        with _refusing_truncated_images():
+            image.load()
     except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"cannot decode image {image!r} (truncated or corrupt data): {error}") from error
     if image.mode in _HIGH_BIT_DEPTH_MODES:

@@ -213,3 +213,16 @@ def test_pillow_resize_is_pillow_bit_for_bit(resample):
 def test_pillow_resize_rejects_filters_it_does_not_have():
     with pytest.raises(ValueError, match="resample must be one of Pillow's convolution filters"):
         pillow_resize(torch.zeros(3, 8, 8, dtype=torch.uint8), (4, 4), Image.Resampling.NEAREST)
+
+
+def test_truncated_files_are_refused_even_when_another_library_allows_them(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # what lmms-eval sets on import
+    png = _encode(Image.open(IMAGES / "chelsea.png"), "PNG")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(png[: len(png) // 2])
+    for backend in (SphinxImageProcessor, SphinxImageProcessorPil):
+        with pytest.raises(ValueError, match="cannot decode image file"):
+            backend(size={"height": 224, "width": 224})(str(truncated))
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the global setting is left as it was
