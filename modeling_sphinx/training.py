@@ -58,6 +58,12 @@ class SphinxTuningArguments:
             raise ValueError(f"tuning must be full, lora or qlora, got {self.tuning!r}")
         if self.dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.tuning == "qlora" and self.dtype != "bfloat16":
+            # TRL casts the trainable parameters of a quantized model to bfloat16; the rest must match them
+            raise ValueError(f"QLoRA trains in bfloat16: set dtype: bfloat16 (got {self.dtype})")
+        if self.tuning == "qlora" and self.dtype != "bfloat16":
+            # TRL casts the trainable parameters of a quantized model to bfloat16; the rest must match them
+            raise ValueError(f"QLoRA trains in bfloat16: set dtype: bfloat16 (got {self.dtype})")
 
 
 @dataclass

@@ -418,9 +418,9 @@ def test_qlora_trains_with_the_towers_in_16_bit(world, tiny_sphinx, tmp_path):
 
     from modeling_sphinx.training import SphinxTuningArguments, _load_model
 
-    args = SphinxTuningArguments(
-        model_name_or_path=str(tiny_sphinx), mixture="unused", tuning="qlora", dtype="float32"
-    )
+    with pytest.raises(ValueError, match="QLoRA trains in bfloat16"):
+        SphinxTuningArguments(model_name_or_path=str(tiny_sphinx), mixture="unused", tuning="qlora", dtype="float32")
+    args = SphinxTuningArguments(model_name_or_path=str(tiny_sphinx), mixture="unused", tuning="qlora")
     model = _load_model(args)
     four_bit = {name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
     assert four_bit and all(".language_model.layers." in name for name in four_bit)
