@@ -88,6 +88,17 @@ def _cmd_eval(args):
         print(f"recorded the results in {card}")
 
 
+def _cmd_demo(args):
+    register_models()
+    from .demo import format_table, run_demo
+
+    table = run_demo(args.out, quick=args.quick, force=args.force, seed=args.seed)
+    print(format_table(table))
+    print(
+        f"best model, with the table in its card: {Path(args.out) / 'best'}; drawn answers: {args.out}/example_*.png"
+    )
+
+
 def _cmd_push(args):
     from .hub import push_folder
 
@@ -257,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device-map", default=None)
     evaluate.add_argument("--load-in-4bit", action="store_true")
     evaluate.set_defaults(func=_cmd_eval)
+
+    demo = commands.add_parser("demo", help="SPHINX's recipe in miniature: train, mix, tune, evaluate (offline, CPU)")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--quick", action="store_true", help="a smaller world and fewer steps (about 2 minutes)")
+    demo.add_argument("--force", action="store_true", help="redo every stage instead of reusing finished ones")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_cmd_demo)
 
     push = commands.add_parser("push", help="upload a model folder to the Hub with a rendered model card")
     push.add_argument("folder")

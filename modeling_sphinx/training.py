@@ -184,6 +184,7 @@ def train(args: SphinxTuningArguments, training_args: SFTConfig) -> Path:
     if resume and boundaries is not None:
         boundaries.restore(resume)
     trainer.train(resume_from_checkpoint=resume)
+    trainer.save_state()  # OUTPUT_DIR/trainer_state.json: the loss curve, also when no checkpoint is kept
     model_dir = Path(args.model_dir or Path(training_args.output_dir) / "model")
     if trainer.accelerator.is_main_process:
         final = _merged(trainer, args)

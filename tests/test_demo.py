@@ -1,0 +1,55 @@
+"""The miniature demo (issue 11): `sphinx-mllm demo --quick` learns, is deterministic and reuses its stages."""
+
+import json
+
+from huggingface_hub import ModelCard
+from PIL import Image
+
+from modeling_sphinx.cli import main
+from modeling_sphinx.demo import HEIGHT, WIDTH, render
+
+
+def _average(scores):
+    return sum(scores.values()) / len(scores)
+
+
+def _losses(folder):
+    state = json.loads((folder / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+def test_generated_world_is_deterministic_and_in_two_domains():
+    real, shapes, dot = render(7, "real")
+    again, shapes_again, _ = render(7, "real")
+    synthetic, _, _ = render(7, "synthetic")
+    assert real.size == (WIDTH, HEIGHT) and list(real.getdata()) == list(again.getdata()) and shapes == shapes_again
+    assert len(set(synthetic.getdata())) < len(set(real.getdata())) / 10  # flat versus textured
+    assert 1 <= len(shapes) <= 2 and dot["box"][2] - dot["box"][0] == 7
+
+
+def test_quick_demo_learns_is_deterministic_and_reuses_stages(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| tuned mix |" in printed and "| untrained |" in printed
+    table = json.loads((out / "results.json").read_text())
+    assert set(table) == {"untrained", "stage-1 real", "stage-1 synthetic", "mix beta=0.5", "tuned mix"}
+    for stage in ("stage1-real", "stage1-synthetic", "stage2"):
+        losses = _losses(out / stage)
+        assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, stage  # training lowers the loss
+    trained = max(_average(scores) for name, scores in table.items() if name != "untrained")
+    assert trained > _average(table["untrained"])  # held-out images of both domains
+    card = ModelCard.load(out / "best" / "README.md")
+    assert {r.metric_type for r in card.data.eval_results} == {"vqa", "grounding"}
+    drawn = sorted(out.glob("example_*.png"))
+    assert len(drawn) == 3 and Image.open(drawn[0]).size == (WIDTH, HEIGHT)
+
+    stage1 = out / "stage1-real" / "model" / "model.safetensors"
+    before = stage1.stat().st_mtime_ns
+    assert main(["demo", "--quick", "--out", str(out)]) == 0  # reuses every finished stage
+    assert stage1.stat().st_mtime_ns == before
+    assert json.loads((out / "results.json").read_text()) == table
+
+    other = tmp_path / "again"
+    assert main(["demo", "--quick", "--out", str(other)]) == 0  # a second run from scratch, same seed
+    assert json.loads((other / "results.json").read_text()) == table
