@@ -294,3 +294,15 @@ def test_unpad_boxes_maps_to_fractions_of_the_original_image(tiny_model_dir):
     processor = AutoProcessor.from_pretrained(tiny_model_dir("sphinx"))
     text = unpad_boxes("[0.10,0.30,0.60,0.55]", WIDE, processor.post_process_generation)
     assert text == "[0.1000, 0.1000, 0.6000, 0.6000]"  # pixels [20, 10, 120, 60] over 200 x 100
+
+
+def test_lmms_eval_plugin_says_it_is_a_generation_only_chat_model(tiny_model_dir):
+    pytest.importorskip("lmms_eval", reason="the lmms-eval plugin needs the eval extra (pip install -e '.[eval]')")
+    from modeling_sphinx.lmms_eval_plugin import SphinxLMMS
+
+    model = SphinxLMMS(pretrained=str(tiny_model_dir("sphinx")), device="cpu")
+    assert model.is_simple is False  # lmms-eval builds only generation requests for chat models
+    with pytest.raises(NotImplementedError, match="generation tasks only"):
+        model.loglikelihood([])
+    with pytest.raises(NotImplementedError, match="single-round"):
+        model.generate_until_multi_round([])
