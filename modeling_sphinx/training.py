@@ -93,20 +93,21 @@ class ImageBoundaryCheckpoints(TrainerCallback):
     def __init__(self, model):
         self.model = model
 
-    def _parameters(self) -> dict[str, torch.nn.Parameter]:
+    def tracked(self) -> dict[str, torch.nn.Parameter]:
+        """The start/end embeddings by their base-model name (`model.start_img`, `model.end_img`)."""
         named = dict(self.model.named_parameters())
         return {name: named[key] for name in IMAGE_BOUNDARIES for key in named if key.endswith(name)}
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            tensors = {name: p.detach().cpu().contiguous() for name, p in self._parameters().items()}
+            tensors = {name: p.detach().cpu().contiguous() for name, p in self.tracked().items()}
             save_file(tensors, folder / BOUNDARY_FILE)
 
     def restore(self, checkpoint: str | Path):
         saved = load_file(Path(checkpoint) / BOUNDARY_FILE)
         with torch.no_grad():
-            for name, parameter in self._parameters().items():
+            for name, parameter in self.tracked().items():
                 parameter.copy_(saved[name].to(parameter.dtype))
 
 
@@ -177,7 +178,7 @@ def train(args: SphinxTuningArguments, training_args: SFTConfig) -> Path:
     boundaries = None
     if peft_config is not None and args.train_projectors:
         boundaries = ImageBoundaryCheckpoints(trainer.model)
-        for parameter in boundaries._parameters().values():
+        for parameter in boundaries.tracked().values():
             parameter.requires_grad_(True)
         trainer.add_callback(boundaries)
     resume = training_args.resume_from_checkpoint
