@@ -202,6 +202,29 @@ def _cmd_chat(args):
             print(f"drew {len(grounded.boxes)} boxes and {len(grounded.points)} points into {args.draw}")
 
 
+def _add_loading_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--device-map", default=None, help='e.g. "auto" to spread the model over GPUs')
+    parser.add_argument(
+        "--load-in-4bit",
+        action="store_true",
+        help="the LLM in 4-bit NF4 (bitsandbytes), towers and projectors in 16-bit",
+    )
+
+
+def _cmd_serve(args):
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ValueError('the web app needs the demo extra: pip install "sphinx-mllm[demo]"') from None
+    register_models()
+    from .serve import build_app
+
+    processor, model = _load_for_chat(args)
+    app = build_app(model, processor, title=f"SPHINX · {Path(args.model).name}")
+    app.queue().launch(server_name=args.host, server_port=args.port, show_error=True, ssr_mode=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sphinx-mllm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -220,14 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--prompt")
     chat.add_argument("--draw", help="write the image with the parsed boxes and points to this PNG")
     chat.add_argument("--max-new-tokens", type=int, default=256)
-    chat.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    chat.add_argument("--device-map", default=None, help='e.g. "auto" to spread the model over GPUs')
-    chat.add_argument(
-        "--load-in-4bit",
-        action="store_true",
-        help="the LLM in 4-bit NF4 (bitsandbytes), towers and projectors in 16-bit",
-    )
+    _add_loading_arguments(chat)
     chat.set_defaults(func=_cmd_chat)
+
+    serve = commands.add_parser("serve", help="a web app to chat about images, boxes drawn (the demo extra)")
+    serve.add_argument("model", help="model folder or Hub id")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=7860)
+    _add_loading_arguments(serve)
+    serve.set_defaults(func=_cmd_serve)
+
     convert = commands.add_parser("convert", help="original LLaMA2-Accessory checkpoint folder → HF folder")
     convert.add_argument(
         "src", help="folder with consolidated.XX-of-NN.model.pth, config.json, meta.json, tokenizer.model"

@@ -1,3 +1,5 @@
+import contextlib
+import io
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,6 +12,7 @@ import torch  # noqa: E402
 
 import modeling_sphinx  # noqa: E402,F401  (registers the Auto classes)
 from modeling_sphinx.build import init_model  # noqa: E402
+from modeling_sphinx.cli import main  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 IMAGES = SHARED / "fixtures" / "images"
@@ -29,6 +32,16 @@ def tiny_model_dir(tmp_path_factory):
         return made[variant]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """`sphinx-mllm demo --quick` run once for the session: `(output folder, what it printed)`."""
+    out = tmp_path_factory.mktemp("quick-demo") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out, printed.getvalue()
 
 
 def image_message(text: str, image=None, path=None) -> list[dict]:

@@ -27,10 +27,8 @@ def test_generated_world_is_deterministic_and_in_two_domains():
     assert 1 <= len(shapes) <= 2 and dot["box"][2] - dot["box"][0] == 7
 
 
-def test_quick_demo_learns_is_deterministic_and_reuses_stages(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+def test_quick_demo_learns_is_deterministic_and_reuses_stages(quick_demo, tmp_path):
+    out, printed = quick_demo
     assert "| tuned mix |" in printed and "| untrained |" in printed
     table = json.loads((out / "results.json").read_text())
     assert set(table) == {"untrained", "stage-1 real", "stage-1 synthetic", "mix beta=0.5", "tuned mix"}

@@ -1,0 +1,128 @@
+"""The web app (issue 12): `sphinx-mllm serve` on 127.0.0.1, driven by `gradio_client` and by headless Chromium.
+
+The served model is the quick demo's trained miniature, which answers grounding instructions with boxes.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+from modeling_sphinx.processing.tasks_sphinx import TASK_INSTRUCTIONS
+from PIL import Image
+from transformers import AutoProcessor
+
+QUESTION = TASK_INSTRUCTIONS["referring_expression"].format(expression="the red circle")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(quick_demo):
+    """`sphinx-mllm serve` in its own process: `(url, model folder)`."""
+    model = quick_demo[0] / "best"
+    port = _free_port()
+    command = Path(sys.executable).with_name("sphinx-mllm")
+    server = subprocess.Popen(
+        [str(command), "serve", str(model), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while True:
+        if server.poll() is not None:
+            pytest.fail(f"the server exited with {server.returncode}:\n{server.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            server.kill()
+            pytest.fail("the server did not answer within 180 s")
+        time.sleep(0.5)
+    yield url, model
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def images(quick_demo, tmp_path_factory):
+    """A held-out demo image, a text file named `.png`, and a PNG cut short."""
+    good = sorted((quick_demo[0] / "data").glob("real-1*/images/*.png"))[0]
+    folder = tmp_path_factory.mktemp("uploads")
+    not_an_image = folder / "notes.png"
+    not_an_image.write_text("these are notes, not pixels\n")
+    truncated = folder / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    return good, not_an_image, truncated
+
+
+def test_answer_endpoint_returns_the_answer_and_its_boxes_in_pixels(served, images):
+    url, model = served
+    good, not_an_image, truncated = images
+    client = Client(url, verbose=False, analytics_enabled=False)
+    assert "/answer" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    result = client.predict(handle_file(str(good)), QUESTION, 24, False, 0.7, 0.9, api_name="/answer")
+    width, height = Image.open(good).size
+    expected = AutoProcessor.from_pretrained(model).post_process_generation(result["text"], (height, width))
+    assert result["text"].startswith("[") and result["boxes"], result  # the miniature answers with a box
+    assert [item["box"] for item in result["boxes"]] == [[round(v, 1) for v in box] for box in expected.boxes]
+    for item in result["boxes"]:
+        x1, y1, x2, y2 = item["box"]
+        assert 0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height
+
+    for upload, message in ((not_an_image, "is not an image"), (truncated, "is damaged")):
+        with pytest.raises(Exception, match=message):
+            client.predict(handle_file(str(upload)), QUESTION, 24, False, 0.7, 0.9, api_name="/answer")
+    again = client.predict(handle_file(str(good)), QUESTION, 24, False, 0.7, 0.9, api_name="/answer")
+    assert again == result  # greedy, and still serving after the bad uploads
+
+
+def test_the_page_grounds_a_phrase_and_reports_bad_uploads(served, images, tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("no browser: install Debian's chromium (apt-get install -y chromium) to run this test")
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = served
+    good, not_an_image, truncated = images
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium, headless=True, args=["--disable-gpu", "--disable-quic", "--disable-sync"]
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(url)
+        upload = page.locator("#upload input[type=file]")
+        for bad, message in ((not_an_image, "'notes.png' is not an image"), (truncated, "'truncated.png' is damaged")):
+            upload.set_input_files(str(bad))
+            expect(page.get_by_text(message)).to_be_visible()
+            page.get_by_label("Remove Image").click()
+
+        upload.set_input_files(str(good))
+        expect(page.locator("#annotated img").first).to_be_visible()
+        page.get_by_label("Phrase, category or region").fill("the red circle")
+        page.get_by_role("button", name="Write the instruction").click()
+        expect(page.locator("#question textarea")).to_have_value(QUESTION)
+        page.locator("#send").click()
+        answer = page.locator("#chat").get_by_text("[0.")
+        expect(answer).to_be_visible(timeout=60_000)
+        expect(page.locator("#annotated").get_by_text("box 1")).to_be_visible()  # the legend of the drawn box
+        expect(page.locator("#annotated img")).to_have_count(2)  # the image and the box's layer
+        screenshot = tmp_path / "serve.png"
+        page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    assert Image.open(screenshot).size[0] == 1280
