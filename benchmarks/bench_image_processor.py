@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 import torch
-from modeling_sphinx.processing import image_processing_sphinx
 from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as tvF
 from transformers.image_utils import OPENAI_CLIP_STD
 
 from modeling_sphinx import SphinxImageProcessor, SphinxImageProcessorPil
+from modeling_sphinx.processing import image_processing_sphinx
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "images"
 CLIP_STD = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)

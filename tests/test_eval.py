@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from modeling_sphinx.processing.tasks_sphinx import format_box
 from PIL import Image, ImageDraw
 from transformers import AutoProcessor
 
 from modeling_sphinx import metrics
 from modeling_sphinx.cli import main
 from modeling_sphinx.evaluation import evaluate
+from modeling_sphinx.processing.tasks_sphinx import format_box
 
 WIDE = (100, 200)  # (height, width): padded to a 200-px square, 50 rows above
 

@@ -3,12 +3,12 @@ import io
 import numpy as np
 import pytest
 import torch
-from modeling_sphinx.processing.image_processing_sphinx import pillow_resize
-from modeling_sphinx.processing.tasks_sphinx import SYSTEM_PROMPT, format_box
 from PIL import Image
 from transformers import AutoProcessor
 
 from modeling_sphinx import SphinxImageProcessor, SphinxImageProcessorPil
+from modeling_sphinx.processing.image_processing_sphinx import pillow_resize
+from modeling_sphinx.processing.tasks_sphinx import SYSTEM_PROMPT, format_box
 
 from .conftest import IMAGES, image_message
 

@@ -9,6 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image, ImageDraw
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from modeling_sphinx.build import init_model
+from modeling_sphinx.cli import main
+from modeling_sphinx.hub import check_folder
 from modeling_sphinx.processing.tasks_sphinx import (
     TASK_INSTRUCTIONS,
     format_box,
@@ -18,12 +24,6 @@ from modeling_sphinx.processing.tasks_sphinx import (
     format_point,
     parse_grounding,
 )
-from PIL import Image, ImageDraw
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-from modeling_sphinx.build import init_model
-from modeling_sphinx.cli import main
-from modeling_sphinx.hub import check_folder
 from modeling_sphinx.sft_data import DataError, build_samples, load_mixture, read_mixture
 from modeling_sphinx.training import SphinxDataCollator
 
