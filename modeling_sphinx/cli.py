@@ -113,13 +113,17 @@ def _cmd_push(args):
     print(f"pushed {args.folder} to {info.commit_url}")
 
 
-def _draw(image_path: str, grounded, out_path: str):
+def _draw(image_path: str, grounded, out_path: str, truth: list[float] | None = None):
+    """The image with the answer's boxes (orange, with their phrases) and points (cyan), and a known true box
+    (green) when given."""
     from PIL import ImageDraw
 
     from .processing.image_processing_sphinx import load_image_file, to_rgb
 
     image = to_rgb(load_image_file(image_path))
     draw = ImageDraw.Draw(image)
+    if truth is not None:
+        draw.rectangle(truth, outline=(40, 200, 70), width=1)
     for entity in grounded.entities:
         for box in entity.boxes:
             draw.rectangle(box, outline=(255, 64, 0), width=max(1, min(image.size) // 150))

@@ -31,8 +31,10 @@ def test_quick_demo_learns_is_deterministic_and_reuses_stages(quick_demo, tmp_pa
     out, printed = quick_demo
     assert "| tuned mix |" in printed and "| untrained |" in printed
     table = json.loads((out / "results.json").read_text())
-    assert set(table) == {"untrained", "stage-1 real", "stage-1 synthetic", "mix beta=0.5", "tuned mix"}
-    for stage in ("stage1-real", "stage1-synthetic", "stage2"):
+    assert set(table) == {
+        "untrained", "stage-1 base", "stage-1 real", "stage-1 synthetic", "mix beta=0.5", "tuned mix"
+    }  # fmt: skip
+    for stage in ("stage1-base", "stage1-real", "stage1-synthetic", "stage2"):
         losses = _losses(out / stage)
         assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, stage  # training lowers the loss
     trained = max(_average(scores) for name, scores in table.items() if name != "untrained")

@@ -3,6 +3,7 @@
 The served model is the quick demo's trained miniature, which answers grounding instructions with boxes.
 """
 
+import json
 import os
 import shutil
 import socket
@@ -14,11 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 from gradio_client import Client, handle_file
-from modeling_sphinx.processing.tasks_sphinx import TASK_INSTRUCTIONS
 from PIL import Image
 from transformers import AutoProcessor
 
-QUESTION = TASK_INSTRUCTIONS["referring_expression"].format(expression="the red circle")
+from modeling_sphinx.processing.tasks_sphinx import TASK_INSTRUCTIONS
 
 
 def _free_port() -> int:
@@ -61,22 +61,29 @@ def served(quick_demo):
 
 @pytest.fixture(scope="module")
 def images(quick_demo, tmp_path_factory):
-    """A held-out demo image, a text file named `.png`, and a PNG cut short."""
-    good = sorted((quick_demo[0] / "data").glob("real-1*/images/*.png"))[0]
+    """A held-out demo image with its referring expression, a text file named `.png`, and a PNG cut short."""
+    split = next((quick_demo[0] / "data").glob("real-1???????"))
+    row = json.loads((split / "grounding.jsonl").read_text().splitlines()[0])
+    good = split / row["image"]
     folder = tmp_path_factory.mktemp("uploads")
     not_an_image = folder / "notes.png"
     not_an_image.write_text("these are notes, not pixels\n")
     truncated = folder / "truncated.png"
     truncated.write_bytes(good.read_bytes()[:2000])
-    return good, not_an_image, truncated
+    return (good, row["expression"]), not_an_image, truncated
+
+
+def _question(expression: str) -> str:
+    return TASK_INSTRUCTIONS["referring_expression"].format(expression=expression)
 
 
 def test_answer_endpoint_returns_the_answer_and_its_boxes_in_pixels(served, images):
     url, model = served
-    good, not_an_image, truncated = images
+    (good, expression), not_an_image, truncated = images
+    question = _question(expression)
     client = Client(url, verbose=False, analytics_enabled=False)
     assert "/answer" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    result = client.predict(handle_file(str(good)), QUESTION, 24, False, 0.7, 0.9, api_name="/answer")
+    result = client.predict(handle_file(str(good)), question, 24, False, 0.7, 0.9, api_name="/answer")
     width, height = Image.open(good).size
     expected = AutoProcessor.from_pretrained(model).post_process_generation(result["text"], (height, width))
     assert result["text"].startswith("[") and result["boxes"], result  # the miniature answers with a box
@@ -87,8 +94,8 @@ def test_answer_endpoint_returns_the_answer_and_its_boxes_in_pixels(served, imag
 
     for upload, message in ((not_an_image, "is not an image"), (truncated, "is damaged")):
         with pytest.raises(Exception, match=message):
-            client.predict(handle_file(str(upload)), QUESTION, 24, False, 0.7, 0.9, api_name="/answer")
-    again = client.predict(handle_file(str(good)), QUESTION, 24, False, 0.7, 0.9, api_name="/answer")
+            client.predict(handle_file(str(upload)), question, 24, False, 0.7, 0.9, api_name="/answer")
+    again = client.predict(handle_file(str(good)), question, 24, False, 0.7, 0.9, api_name="/answer")
     assert again == result  # greedy, and still serving after the bad uploads
 
 
@@ -99,7 +106,7 @@ def test_the_page_grounds_a_phrase_and_reports_bad_uploads(served, images, tmp_p
     from playwright.sync_api import expect, sync_playwright
 
     url, _ = served
-    good, not_an_image, truncated = images
+    (good, expression), not_an_image, truncated = images
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=chromium, headless=True, args=["--disable-gpu", "--disable-quic", "--disable-sync"]
@@ -114,9 +121,9 @@ def test_the_page_grounds_a_phrase_and_reports_bad_uploads(served, images, tmp_p
 
         upload.set_input_files(str(good))
         expect(page.locator("#annotated img").first).to_be_visible()
-        page.get_by_label("Phrase, category or region").fill("the red circle")
+        page.get_by_label("Phrase, category or region").fill(expression)
         page.get_by_role("button", name="Write the instruction").click()
-        expect(page.locator("#question textarea")).to_have_value(QUESTION)
+        expect(page.locator("#question textarea")).to_have_value(_question(expression))
         page.locator("#send").click()
         answer = page.locator("#chat").get_by_text("[0.")
         expect(answer).to_be_visible(timeout=60_000)
