@@ -133,3 +133,33 @@ def test_the_page_grounds_a_phrase_and_reports_bad_uploads(served, images, tmp_p
         page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
     assert Image.open(screenshot).size[0] == 1280
+
+
+def test_uploads_are_checked_and_shortcuts_write_the_original_instructions(tmp_path):
+    import gradio as gr
+
+    from modeling_sphinx.processing.tasks_sphinx import format_box
+    from modeling_sphinx.serve import MAX_UPLOAD_BYTES, instruction, read_upload
+
+    huge = tmp_path / "huge.png"
+    Image.new("1", (8000, 7000)).save(huge)  # small file, 56 megapixels
+    with pytest.raises(gr.Error, match=r"'huge.png' is 8000x7000 pixels; the limit is 50 megapixels"):
+        read_upload(str(huge))
+    heavy = tmp_path / "heavy.png"
+    heavy.write_bytes(b"\0" * (MAX_UPLOAD_BYTES + 1))
+    with pytest.raises(gr.Error, match=r"'heavy.png' is 25.0 MiB; the limit is 25 MiB"):
+        read_upload({"path": str(heavy), "orig_name": "heavy.png"})
+    with pytest.raises(gr.Error, match="Upload an image first"):
+        read_upload(None)
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (300, 200), "white").save(photo)
+    upload = {"path": str(photo), "orig_name": "photo.png"}
+    assert instruction("Describe the image", "", upload) == TASK_INSTRUCTIONS["detailed_caption"]
+    assert instruction("Detect a category", " dog ", upload) == TASK_INSTRUCTIONS["detection"].format(category="dog")
+    region = instruction("Caption a region", "[30, 40, 150, 160]", upload)
+    assert region == TASK_INSTRUCTIONS["region_caption"].format(box=format_box([30, 40, 150, 160], (200, 300)))
+    with pytest.raises(gr.Error, match="x1,y1,x2,y2 in pixels"):
+        instruction("Caption a region", "150,40,30,160", upload)
+    with pytest.raises(gr.Error, match="Ground a phrase needs the phrase to ground"):
+        instruction("Ground a phrase", "  ", upload)
