@@ -212,9 +212,6 @@ def build_app(model, processor, title: str = "SPHINX") -> gr.Blocks:
         messages = [*messages, {"role": "assistant", "content": [{"type": "text", "text": text}]}]
         yield transcript(messages), messages, annotated_image(image, annotations(processor, text, image)), ""
 
-    def fill(shortcut, argument, upload):
-        return instruction(shortcut, argument, upload)
-
     def pick_corner(corners, event: gr.SelectData):
         corners = [*corners, [int(v) for v in event.index]][-2:]
         if len(corners) < 2:
@@ -258,7 +255,7 @@ def build_app(model, processor, title: str = "SPHINX") -> gr.Blocks:
         )
         image.clear(clear, None, [annotated, chatbot, messages, corners, argument], api_visibility="private")
         image.select(pick_corner, corners, [corners, shortcut, argument], api_visibility="private")
-        use.click(fill, [shortcut, argument, image], question, preprocess=False, api_visibility="private")
+        use.click(instruction, [shortcut, argument, image], question, preprocess=False, api_visibility="private")
         for trigger in (send.click, question.submit):
             trigger(
                 respond,

@@ -129,6 +129,10 @@ def test_the_page_grounds_a_phrase_and_reports_bad_uploads(served, images, tmp_p
         expect(answer).to_be_visible(timeout=60_000)
         expect(page.locator("#annotated").get_by_text("box 1")).to_be_visible()  # the legend of the drawn box
         expect(page.locator("#annotated img")).to_have_count(2)  # the image and the box's layer
+        second = TASK_INSTRUCTIONS["vqa_short"].format(question="What colour is the shape?")
+        page.locator("#question textarea").fill(second)  # a second turn about the same image
+        page.locator("#send").click()
+        expect(page.locator("#chat [data-testid=bot]")).to_have_count(2, timeout=60_000)
         screenshot = tmp_path / "serve.png"
         page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
