@@ -9,13 +9,13 @@ through the package's public pieces as the paper's recipe:
    has no pretrained encoders; training them doubled the step cost without gain in probes at this budget).
    The patches are twice SPHINX's 14 px because the LLM's pass over the visual tokens is the cost of a step:
    with 14-px patches (335 tokens) the same 10 minutes allowed a third of the steps, and grounding stayed at
-   chance (Acc@0.5 0.02 after 380 steps, against 0.22 after 1000 steps with 28-px patches);
+   chance (Acc@0.5 0.02 after 380 steps, against 0.19 after 1000 steps with 28-px patches);
 2. stage 1, `train`: a shared base on both domains (standing in for the pretrained LLM that both of SPHINX's
    LLMs are tuned from), then one model per domain tuned from that base, on VQA (colour of a shape, colour of
    the dot) and referring-expression grounding, three grounding samples to one VQA sample (grounding learns
-   slowest; with 1 : 1 the tuned mix grounded 0.15 / 0.15, with 3 : 1 0.30 / 0.38, VQA unchanged). Without the
-   shared base, the two domain models trained from the random init ended in different basins and their
-   beta = 0.5 mix answered nothing right (0.00 everywhere);
+   slowest; at 900 / 250 / 800 steps, 1 : 1 left the tuned mix grounding 0.15 / 0.15, 3 : 1 gave 0.30 / 0.38,
+   VQA unchanged). Without the shared base, the two domain models trained from the random init ended in
+   different basins and their beta = 0.5 mix answered nothing right (0.00 everywhere);
 3. `mix`: the two domain LLMs mixed linearly at several beta (the paper's real/synthetic weight mix);
 4. stage 2, `train`: the beta = 0.5 mix tuned on both domains and all tasks (VQA, grounding, region captions);
 5. `eval`: every model on held-out images of both domains (VQA accuracy, grounding Acc@IoU>=0.5);
@@ -55,8 +55,9 @@ class Budget:
     betas: tuple[float, ...]
 
 
+# 8.9 min on 2 CPU cores; 900 / 250 / 800 steps scored better but took 9.2-10.2 min, too close to 10
 FULL = Budget(
-    train_images=800, eval_images=40, base_steps=900, domain_steps=250, stage2_steps=800, betas=(0.25, 0.5, 0.75)
+    train_images=800, eval_images=40, base_steps=800, domain_steps=250, stage2_steps=700, betas=(0.25, 0.5, 0.75)
 )
 QUICK = Budget(train_images=200, eval_images=16, base_steps=60, domain_steps=30, stage2_steps=60, betas=(0.5,))
 
