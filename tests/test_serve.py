@@ -112,6 +112,8 @@ def test_the_page_grounds_a_phrase_and_reports_bad_uploads(served, images, tmp_p
             executable_path=chromium, headless=True, args=["--disable-gpu", "--disable-quic", "--disable-sync"]
         )
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        outside = []
+        page.on("request", lambda request: None if request.url.startswith(url) else outside.append(request.url))
         page.goto(url)
         upload = page.locator("#upload input[type=file]")
         for bad, message in ((not_an_image, "'notes.png' is not an image"), (truncated, "'truncated.png' is damaged")):
@@ -137,6 +139,7 @@ def test_the_page_grounds_a_phrase_and_reports_bad_uploads(served, images, tmp_p
         page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
     assert Image.open(screenshot).size[0] == 1280
+    assert not [u for u in outside if not u.startswith(("data:", "blob:"))]  # the page asks nothing of the outside
 
 
 def test_uploads_are_checked_and_shortcuts_write_the_original_instructions(tmp_path):
