@@ -29,6 +29,7 @@ gives the same images, the same training and the same table.
 import json
 import random
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,25 +200,31 @@ def _init(out: Path, seed: int) -> Path:
 
     if (out / "config.json").is_file():
         return out
-    # 768 pieces learned from the template and the task prompts: the system prompt is 31 tokens, not 68
-    tokenizer = out.parent / "tokenizer.model"
-    tokenizer.write_bytes(train_tiny_sentencepiece(vocab_size=768))
     encoder = {"embed_dim": 32, "depth": 1, "num_heads": 2, "img_size": 112, "patch_size": 28}
-    return init_model(
-        "sphinx-1k",
-        out,
-        tiny=True,
-        tokenizer_model=tokenizer,
-        seed=seed,
-        image_size=224,
-        view_size=112,
-        patch_size=28,
-        convnext_view_size=128,  # ConvNeXt's stride-32 map of a 128-px view is the 4 x 4 patch grid
-        qformer_config=None,
-        clip_config={"architecture": "vit_large_patch14_clip_224", "model_args": encoder},
-        dinov2_config={"architecture": "vit_giant_patch14_dinov2", "model_args": {**encoder, "embed_dim": 24}},
-        text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
-    )
+    with tempfile.TemporaryDirectory() as scratch:  # init_model reads the tokenizer into the model folder
+        # 768 pieces learned from the template and the task prompts: the system prompt is 31 tokens, not 68
+        tokenizer = Path(scratch) / "tokenizer.model"
+        tokenizer.write_bytes(train_tiny_sentencepiece(vocab_size=768))
+        return init_model(
+            "sphinx-1k",
+            out,
+            tiny=True,
+            tokenizer_model=tokenizer,
+            seed=seed,
+            image_size=224,
+            view_size=112,
+            patch_size=28,
+            convnext_view_size=128,  # ConvNeXt's stride-32 map of a 128-px view is the 4 x 4 patch grid
+            qformer_config=None,
+            clip_config={"architecture": "vit_large_patch14_clip_224", "model_args": encoder},
+            dinov2_config={"architecture": "vit_giant_patch14_dinov2", "model_args": {**encoder, "embed_dim": 24}},
+            text_config={
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+            },
+        )
 
 
 def _mix(first: Path, second: Path, beta: float, out: Path) -> Path:

@@ -58,7 +58,8 @@ def read_upload(upload) -> PIL.Image.Image:
     if not upload:
         raise gr.Error("Upload an image first.")
     path = upload if isinstance(upload, str) else upload.get("path")
-    name = Path(upload.get("orig_name") or path).name if isinstance(upload, dict) else Path(path).name
+    original_name = upload.get("orig_name") if isinstance(upload, dict) else None
+    name = Path(original_name or path or "upload").name
     if path is None or not os.path.isfile(path):
         raise gr.Error(f"The upload {name!r} did not arrive; upload it again.")
     size = os.path.getsize(path)
