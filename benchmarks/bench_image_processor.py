@@ -29,7 +29,7 @@ from transformers.image_utils import OPENAI_CLIP_STD
 from modeling_sphinx import SphinxImageProcessor, SphinxImageProcessorPil
 from modeling_sphinx.processing import image_processing_sphinx
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "images"
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "images"
 CLIP_STD = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
 
 

@@ -14,9 +14,9 @@ import modeling_sphinx  # noqa: E402,F401  (registers the Auto classes)
 from modeling_sphinx.build import init_model  # noqa: E402
 from modeling_sphinx.cli import main  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-IMAGES = SHARED / "fixtures" / "images"
-PARITY = SHARED / "parity"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+IMAGES = FIXTURES / "images"
+PARITY = FIXTURES / "parity"
 
 torch.set_num_threads(2)
 
