@@ -25,6 +25,14 @@ ENCODER_NAMES = {
 }
 
 
+def hub_reference(name: str | None) -> str | None:
+    """`name` if it is a Hub repo id (`owner/name`, not a folder on this machine), else None: a card records
+    where a model can be found by anyone, never a local path."""
+    if name and REPO_ID.fullmatch(str(name)) and not Path(name).exists():
+        return str(name)
+    return None
+
+
 def _encoder_name(name: str, sub_config: dict) -> str:
     if name == "qformer":
         released = sub_config.get("vision_config", {}).get("hidden_size") == 1408 and (
@@ -75,7 +83,7 @@ def render_model_card(
     """The card of the model in `folder`; `base_models` keeps only Hub repo ids (local paths are omitted)."""
     config = json.loads((Path(folder) / "config.json").read_text())
     facts = _describe(config)
-    hub_bases = [b for b in base_models or [] if REPO_ID.fullmatch(b) and not Path(b).exists()]
+    hub_bases = [b for b in base_models or [] if hub_reference(b)]
     results = [EvalResult(task_type="image-text-to-text", **row) for row in eval_results or []]
     model_name = repo_id.split("/")[-1] if repo_id else (facts["variant"] or Path(folder).name)
     tags = ["sphinx", "multimodal", "custom_code"] + (["merge"] if provenance.get("kind") == "mixed" else [])
