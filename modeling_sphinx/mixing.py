@@ -24,10 +24,15 @@ filter occurs in the tensor name wins and an entry without `filter` is the defau
 
 Tensors not matched by `mixed_tensors` (by default the vision encoders, the projections and the start/end
 embeddings) are copied from the base model, or the first model without one. Every tensor of the inputs is in
-the output; this is checked before the output is published.
+the output; this is checked before the output is published. The output's model card records the recipe with
+each model named by its Hub id or its folder's name, never a local path.
 
 Whole-tensor statistics (the TIES thresholds, slerp's angle, model_stock's cosines) are taken over the whole
 tensor; the elementwise work then runs on 1M-element slices, which keeps it in the CPU caches.
+
+Each `METHODS` entry is a `Method` record of the method's parts: how it combines the models, how it sparsifies
+task vectors, whether it elects signs, whether the base is mixed as a model or is the origin of the others, and
+its `normalize` default; the engine reads those parts, never the method's name.
 
 Semantics per tensor, computed in `dtype` (τ_i = θ_i − θ_base are task vectors, w_i weights, λ `lambda`):
 
@@ -53,15 +58,18 @@ Semantics per tensor, computed in `dtype` (τ_i = θ_i − θ_base are task vect
 import difflib
 import json
 import math
+import os
 import re
 import shutil
 import zlib
 from dataclasses import dataclass, field
+from enum import Enum, auto
 from pathlib import Path
 
 import torch
 import yaml
 
+from .dtypes import DTYPES
 from .folders import atomic_output_dir
 from .shards import LazyCheckpoint, StreamingShardWriter, parse_size
 
@@ -70,29 +78,90 @@ class RecipeError(ValueError):
     """A recipe or an input that cannot be mixed; the message names the model, tensor or parameter."""
 
 
+class Combine(Enum):
+    """How the models, or their task vectors, become one tensor."""
+
+    WEIGHTED_SUM = auto()  # Σ w_i θ_i over the listed models
+    TASK_VECTORS = auto()  # θ_base + λ · the combined (sparsified, sign-elected) task vectors
+    SLERP = auto()  # spherical interpolation from the base to exactly one other model
+    MODEL_STOCK = auto()  # t·mean(θ_i) + (1 − t)·θ_base, t from the task vectors' mean cosine
+
+
+class Sparsify(Enum):
+    """How each task vector is thinned before the task vectors are combined."""
+
+    NONE = auto()
+    TOP_MAGNITUDE = auto()  # keep the `density` fraction of largest-magnitude entries
+    BREADCRUMBS = auto()  # drop the `gamma` fraction of largest-magnitude entries, keep the next `density` fraction
+    DARE = auto()  # keep a random `density` fraction, rescaled by 1/density when `rescale`
+
+    @property
+    def by_magnitude(self) -> bool:
+        return self in (Sparsify.TOP_MAGNITUDE, Sparsify.BREADCRUMBS)
+
+
+class BaseRole(Enum):
+    """What the base model is to a method."""
+
+    LISTED_MODEL = auto()  # optional: mixed like any model when listed among them, else it only gives unmixed tensors
+    ORIGIN = auto()  # required: the others are measured from it; listing it among the models adds nothing
+
+
 @dataclass(frozen=True)
 class Method:
-    parameters: dict[str, float | bool | None]  # name → default (None: required)
-    needs_base: bool
-    uses_weights: bool = True
-    min_models: int = 1
+    """A mixing method by its parts; the engine reads these, never the method's name."""
+
+    combine: Combine
+    parameters: dict[str, float | bool | None]  # name → default (None: required), `normalize` apart
+    normalize: bool | None = None  # the `normalize` default (divide by the summed weights); None: no such parameter
+    sparsify: Sparsify = Sparsify.NONE
+    elect_sign: bool = False  # TIES: each entry combines only the task vectors agreeing with sign(Σ w_i τ_i)
+    base_role: BaseRole = BaseRole.ORIGIN
+    min_models: int = 1  # besides the base
+
+    @property
+    def parameter_defaults(self) -> dict[str, float | bool | None]:
+        """Every parameter a recipe may set for this method, `normalize` included: name → default."""
+        if self.normalize is None:
+            return self.parameters
+        return {**self.parameters, "normalize": self.normalize}
+
+    @property
+    def needs_base(self) -> bool:
+        return self.base_role is BaseRole.ORIGIN
 
 
 METHODS: dict[str, Method] = {
-    "linear": Method({"weight": None, "normalize": True}, needs_base=False),
-    "slerp": Method({"t": None}, needs_base=True, uses_weights=False),
-    "task_arithmetic": Method({"weight": None, "normalize": False, "lambda": 1.0}, needs_base=True),
-    "ties": Method({"weight": None, "density": 1.0, "normalize": True, "lambda": 1.0}, needs_base=True),
+    "linear": Method(Combine.WEIGHTED_SUM, {"weight": None}, normalize=True, base_role=BaseRole.LISTED_MODEL),
+    "slerp": Method(Combine.SLERP, {"t": None}),
+    "task_arithmetic": Method(Combine.TASK_VECTORS, {"weight": None, "lambda": 1.0}, normalize=False),
+    "ties": Method(
+        Combine.TASK_VECTORS,
+        {"weight": None, "density": 1.0, "lambda": 1.0},
+        normalize=True,
+        sparsify=Sparsify.TOP_MAGNITUDE,
+        elect_sign=True,
+    ),
     "dare_ties": Method(
-        {"weight": None, "density": 1.0, "normalize": True, "lambda": 1.0, "rescale": True}, needs_base=True
+        Combine.TASK_VECTORS,
+        {"weight": None, "density": 1.0, "lambda": 1.0, "rescale": True},
+        normalize=True,
+        sparsify=Sparsify.DARE,
+        elect_sign=True,
     ),
     "dare_linear": Method(
-        {"weight": None, "density": 1.0, "normalize": True, "lambda": 1.0, "rescale": True}, needs_base=True
+        Combine.TASK_VECTORS,
+        {"weight": None, "density": 1.0, "lambda": 1.0, "rescale": True},
+        normalize=True,
+        sparsify=Sparsify.DARE,
     ),
     "breadcrumbs": Method(
-        {"weight": None, "density": 0.9, "gamma": 0.01, "normalize": True, "lambda": 1.0}, needs_base=True
+        Combine.TASK_VECTORS,
+        {"weight": None, "density": 0.9, "gamma": 0.01, "lambda": 1.0},
+        normalize=True,
+        sparsify=Sparsify.BREADCRUMBS,
     ),
-    "model_stock": Method({}, needs_base=True, uses_weights=False, min_models=2),
+    "model_stock": Method(Combine.MODEL_STOCK, {}, min_models=2),
 }
 RECIPE_KEYS = {
     "merge_method",
@@ -105,7 +174,6 @@ RECIPE_KEYS = {
     "mixed_tensors",
 }
 DEFAULT_MIXED = [r"^model\.language_model\.", r"^lm_head\."]
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # config fields that must agree for checkpoints to be mixed
 ARCHITECTURE_FIELDS = (
     "model_type",
@@ -223,11 +291,12 @@ class Recipe:
 def _check_parameter_names(params: dict, spec: Method, method: str, where: str):
     if not isinstance(params, dict):
         raise RecipeError(f"parameters of {where} must be a mapping, got {params!r}")
+    accepted = spec.parameter_defaults
     for name in params:
-        if name not in spec.parameters:
-            known = sorted(spec.parameters) or ["(none)"]
+        if name not in accepted:
+            known = sorted(accepted) or ["(none)"]
             raise RecipeError(
-                f"unknown parameter {name!r} for {method} in {where}{_suggest(name, spec.parameters)}; known: {known}"
+                f"unknown parameter {name!r} for {method} in {where}{_suggest(name, accepted)}; known: {known}"
             )
 
 
@@ -259,7 +328,7 @@ def resolve_value(value, name: str, num_layers: int):
 def _params_for(recipe: Recipe, model_params: dict, name: str, num_layers: int) -> dict:
     spec = METHODS[recipe.merge_method]
     resolved = {}
-    for key, default in spec.parameters.items():
+    for key, default in spec.parameter_defaults.items():
         value = None
         for source in (model_params, recipe.parameters):
             if key in source:
@@ -307,16 +376,16 @@ class _TensorMix:
 
     def __init__(self, recipe: Recipe, name: str, base: torch.Tensor, tensors: list[torch.Tensor], params, compute):
         self.recipe, self.name, self.params, self.compute = recipe, name, params, compute
+        self.method = METHODS[recipe.merge_method]
         self.base, self.tensors = base.reshape(-1), [t.reshape(-1) for t in tensors]
         self.chunks = [
             (s, min(s + CHUNK_ELEMENTS, self.base.numel())) for s in range(0, self.base.numel(), CHUNK_ELEMENTS)
         ]
-        method = recipe.merge_method
-        if method in ("ties", "breadcrumbs"):
+        if self.method.sparsify.by_magnitude:
             self.bounds = [self._bounds(t, p) for t, p in zip(self.tensors, params, strict=True)]
-        elif method == "slerp":
+        if self.method.combine is Combine.SLERP:
             self.coefficients = self._slerp_coefficients(float(params[0]["t"]))
-        elif method == "model_stock":
+        if self.method.combine is Combine.MODEL_STOCK:
             self.stock_t = self._model_stock_t()
 
     def _piece(self, tensor: torch.Tensor, chunk: tuple[int, int]) -> torch.Tensor:
@@ -328,9 +397,8 @@ class _TensorMix:
             torch.sub(self._piece(tensor, chunk), self._piece(self.base, chunk), out=magnitude[chunk[0] : chunk[1]])
         magnitude.abs_()
         n = magnitude.numel()
-        if self.recipe.merge_method == "ties":
-            return _magnitude_bounds(magnitude, int(params["density"] * n))
-        return _magnitude_bounds(magnitude, int(params["density"] * n), int(params["gamma"] * n))
+        drop_top = int(params["gamma"] * n) if self.method.sparsify is Sparsify.BREADCRUMBS else 0
+        return _magnitude_bounds(magnitude, int(params["density"] * n), drop_top)
 
     def _dots(self, vectors: list[torch.Tensor]) -> list[list[float]]:
         """Gram matrix of flattened vectors, accumulated over chunks in float64."""
@@ -367,12 +435,11 @@ class _TensorMix:
     def _delta(self, index: int, chunk_index: int, chunk, base) -> torch.Tensor:
         params = self.params[index]
         delta = self._piece(self.tensors[index], chunk) - base
-        method = self.recipe.merge_method
-        if method in ("ties", "breadcrumbs"):
+        if self.method.sparsify.by_magnitude:
             low, high = self.bounds[index]
             magnitude = delta.abs()
             delta = delta * ((magnitude >= low) & (magnitude < high))
-        elif method in ("dare_ties", "dare_linear") and params["density"] < 1:
+        elif self.method.sparsify is Sparsify.DARE and params["density"] < 1:
             generator = _seeded_generator(self.recipe.random_seed, self.name, index, chunk_index)
             keep = torch.rand(delta.shape, generator=generator) < params["density"]
             delta = delta * keep / (params["density"] if params["rescale"] else 1.0)
@@ -380,18 +447,18 @@ class _TensorMix:
 
     def chunk(self, chunk_index: int) -> torch.Tensor:
         chunk = self.chunks[chunk_index]
-        method, params = self.recipe.merge_method, self.params
-        if method == "linear":
+        combine, params = self.method.combine, self.params
+        if combine is Combine.WEIGHTED_SUM:
             weights = [p["weight"] for p in params]
             total = weights[0] * self._piece(self.tensors[0], chunk)
             for weight, tensor in zip(weights[1:], self.tensors[1:], strict=True):
                 total = total + weight * self._piece(tensor, chunk)
             return total / sum(weights) if params[0]["normalize"] else total
         base = self._piece(self.base, chunk)
-        if method == "slerp":
+        if combine is Combine.SLERP:
             s0, s1 = self.coefficients
             return s0 * base + s1 * self._piece(self.tensors[0], chunk)
-        if method == "model_stock":
+        if combine is Combine.MODEL_STOCK:
             average = sum(self._piece(t, chunk) for t in self.tensors) / len(self.tensors)
             return self.stock_t * average + (1 - self.stock_t) * base
         deltas = [self._delta(i, chunk_index, chunk, base) for i in range(len(self.tensors))]
@@ -399,7 +466,7 @@ class _TensorMix:
             deltas,
             [p["weight"] for p in params],
             normalize=bool(params[0]["normalize"]),
-            elect_sign=method in ("ties", "dare_ties"),
+            elect_sign=self.method.elect_sign,
         )
         return base + params[0]["lambda"] * mixed
 
@@ -504,13 +571,15 @@ def _open_inputs(recipe: Recipe) -> _Inputs:
                     f"model {folder}: {what}tensor {key} has shape {list(checkpoint.shape(key))}, "
                     f"{base_path} has {list(base.shape(key))}"
                 )
-    if recipe.merge_method in ("linear",):
+    spec = METHODS[recipe.merge_method]
+    if spec.base_role is BaseRole.LISTED_MODEL:
         participants = [(checkpoints[path], params) for path, params in recipe.models]
     else:  # the base's task vector is zero: it is not a participant
         participants = [(checkpoints[path], params) for path, params in recipe.models if path != base_path]
-    spec = METHODS[recipe.merge_method]
-    if recipe.merge_method == "slerp" and len(participants) != 1:
-        raise RecipeError(f"slerp mixes the base_model with exactly one other model, got {len(participants)}")
+    if spec.combine is Combine.SLERP and len(participants) != 1:
+        raise RecipeError(
+            f"{recipe.merge_method} mixes the base_model with exactly one other model, got {len(participants)}"
+        )
     if len(participants) < spec.min_models:
         raise RecipeError(f"{recipe.merge_method} needs at least {spec.min_models} models besides the base")
     _check_tokenizers(list(configs))
@@ -531,7 +600,6 @@ def _check_tokenizers(folders: list[Path]):
 
 def _plan_parameters(recipe: Recipe, inputs: _Inputs, mixed: list[str], num_layers: int) -> dict[str, list[dict]]:
     """Every mixed tensor's resolved parameters, validated before anything is written."""
-    spec = METHODS[recipe.merge_method]
     plan = {}
     for name in mixed:
         params = [_params_for(recipe, p, name, num_layers) for _, p in inputs.participants] or [
@@ -543,7 +611,7 @@ def _plan_parameters(recipe: Recipe, inputs: _Inputs, mixed: list[str], num_laye
                     raise RecipeError(f"model {checkpoint.folder}: parameter {key!r} has no value for tensor {name}")
                 if key in ("density", "gamma", "t") and not 0 <= float(value) <= 1:
                     raise RecipeError(f"model {checkpoint.folder}: {key} must be in [0, 1] for {name}, got {value}")
-        if spec.uses_weights and params[0].get("normalize"):
+        if params[0].get("normalize"):  # only methods with weights have `normalize`
             total = sum(float(p["weight"]) for p in params)
             if abs(total) < 1e-6:
                 raise RecipeError(f"the weights for tensor {name} sum to {total}: normalising would divide by zero")
@@ -590,17 +658,28 @@ def mix(recipe: "str | Path | dict | Recipe", out_dir: str | Path, max_shard_siz
     return Path(out_dir)
 
 
+def _card_reference(written, folder: Path) -> str:
+    """How a card names a recipe's model: its Hub id as written, else only the folder's name, never a local path."""
+    from .card import hub_reference
+
+    return hub_reference(written) or Path(os.path.abspath(folder)).name  # abspath: `..` resolved, links kept
+
+
 def _write_card(folder: Path, recipe: Recipe):
     from .card import write_model_card
 
-    models = [str(path) for path, _ in recipe.models]
-    base = str(recipe.base_model) if recipe.base_model else None
+    source = dict(recipe.source)
+    if source.get("base_model"):
+        source["base_model"] = _card_reference(source["base_model"], recipe.base_model)
+    if "models" in source:
+        source["models"] = [
+            {**entry, "model": _card_reference(entry["model"], path)}
+            for entry, (path, _) in zip(source["models"], recipe.models, strict=True)
+        ]
+    bases = [source["base_model"]] if source.get("base_model") else []
+    bases += [entry["model"] for entry in source.get("models", [])]
     write_model_card(
         folder,
-        provenance={
-            "kind": "mixed",
-            "method": recipe.merge_method,
-            "recipe": yaml.safe_dump(recipe.source, sort_keys=False),
-        },
-        base_models=[m for m in dict.fromkeys(([base] if base else []) + models)],
+        provenance={"kind": "mixed", "method": recipe.merge_method, "recipe": yaml.safe_dump(source, sort_keys=False)},
+        base_models=list(dict.fromkeys(bases)),
     )

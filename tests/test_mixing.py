@@ -1,12 +1,28 @@
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, pipeline
 
 from modeling_sphinx.build import init_model
 from modeling_sphinx.cli import main
-from modeling_sphinx.mixing import RecipeError, mix, resolve_value
+from modeling_sphinx.mixing import (
+    METHODS,
+    BaseRole,
+    Combine,
+    Recipe,
+    RecipeError,
+    Sparsify,
+    mix,
+    mix_tensor,
+    resolve_value,
+)
 from modeling_sphinx.shards import LazyCheckpoint
 
 from .conftest import IMAGES, image_message
@@ -254,3 +270,111 @@ def test_incompatible_checkpoints(trio, tmp_path):
     with pytest.raises(RecipeError, match=f"model {missing}: tensors differ .*missing \\['{dropped}'\\]"):
         mix(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+TASK_VECTOR_METHODS = [name for name, method in METHODS.items() if method.combine is Combine.TASK_VECTORS]
+
+
+def _mix_one_tensor(name, base, models, overrides):
+    """`mix_tensor` with the method's defaults, and `overrides` for the parameters the method takes."""
+    defaults = METHODS[name].parameter_defaults
+    params = {**defaults, **{key: value for key, value in overrides.items() if key in defaults}}
+    return mix_tensor(Recipe(name, models=[]), "weight", base, models, [params] * len(models))
+
+
+@pytest.mark.parametrize("elect_sign", [False, True])
+@pytest.mark.parametrize("name", TASK_VECTOR_METHODS)
+def test_sign_election_follows_the_record(monkeypatch, name, elect_sign):
+    monkeypatch.setitem(METHODS, name, replace(METHODS[name], elect_sign=elect_sign))
+    base = torch.zeros(8)
+    up, down = torch.ones(8), torch.full((8,), -3.0)  # conflicting task vectors: the elected sign is negative
+    everything = {"weight": 1.0, "density": 1.0, "gamma": 0.0, "normalize": True, "lambda": 1.0}
+    mixed = _mix_one_tensor(name, base, [up, down], everything)
+    # elected: only `down` agrees, divided by its own weight; otherwise the mean of both
+    assert torch.equal(mixed, torch.full((8,), -3.0 if elect_sign else -1.0))
+
+
+@pytest.mark.parametrize("name", TASK_VECTOR_METHODS)
+def test_each_method_sparsifies_as_its_record_declares(name):
+    generator = torch.Generator().manual_seed(0)
+    magnitude = torch.arange(1.0, 1001.0)[torch.randperm(1000, generator=generator)]
+    delta = magnitude * torch.where(torch.rand(1000, generator=generator) < 0.5, -1.0, 1.0)
+    options = {"weight": 1.0, "density": 0.5, "gamma": 0.1, "normalize": False, "lambda": 1.0, "rescale": False}
+    mixed = _mix_one_tensor(name, torch.zeros(1000), [delta], options)
+    kept = mixed != 0
+    assert torch.equal(mixed[kept], delta[kept])  # survivors are untouched: one model, weight 1, no rescale
+    sparsify = METHODS[name].sparsify
+    if sparsify is Sparsify.NONE:
+        assert kept.all()
+    elif sparsify is Sparsify.TOP_MAGNITUDE:  # the 500 largest
+        assert torch.equal(kept, magnitude > 500)
+    elif sparsify is Sparsify.BREADCRUMBS:  # the 100 largest dropped, the next 500 kept
+        assert torch.equal(kept, (magnitude > 400) & (magnitude <= 900))
+    else:
+        assert sparsify is Sparsify.DARE
+        assert 0.4 < kept.float().mean() < 0.6
+        assert kept[magnitude <= 100].any() and not kept[magnitude > 900].all()  # random, not by magnitude
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_base_model_is_required_where_the_record_makes_it_the_origin(name):
+    recipe = {"merge_method": name, "models": [{"model": "a"}, {"model": "b"}]}
+    if METHODS[name].base_role is BaseRole.ORIGIN:
+        with pytest.raises(RecipeError, match=f"merge_method {name} needs a base_model"):
+            Recipe.load(recipe)
+    else:
+        assert Recipe.load(recipe).base_model is None
+
+
+@pytest.mark.parametrize("base_role", list(BaseRole))
+def test_the_base_is_mixed_as_a_model_only_where_the_record_says_so(trio, tmp_path, monkeypatch, base_role):
+    monkeypatch.setitem(METHODS, "linear", replace(METHODS["linear"], base_role=base_role))
+    a, b, _ = trio
+    recipe = {
+        "merge_method": "linear",
+        "base_model": str(a),
+        "models": [{"model": str(a), "parameters": {"weight": 0.5}}, {"model": str(b), "parameters": {"weight": 0.5}}],
+        "out_dtype": "float32",
+    }
+    out = tensors(mix(recipe, tmp_path / "out"))[LLM_KEY]
+    ta, tb = tensors(a)[LLM_KEY].float(), tensors(b)[LLM_KEY].float()
+    if base_role is BaseRole.LISTED_MODEL:
+        assert torch.equal(out, (0.5 * ta + 0.5 * tb) / 1.0)
+    else:  # the origin is no participant: b alone, normalised by its own weight
+        assert torch.equal(out, tb)
+
+
+def _card_recipe(folder):
+    return yaml.safe_load(ModelCard.load(folder / "README.md").data.to_dict()["sphinx_mllm"]["recipe"])
+
+
+def test_the_card_names_models_by_folder_never_by_path(trio, tmp_path):
+    a, b, _ = trio
+    by_absolute_path = {
+        "merge_method": "linear",
+        "base_model": str(a),
+        "models": [{"model": str(a), "parameters": {"weight": 0.3}}, {"model": str(b), "parameters": {"weight": 0.7}}],
+    }
+    absolute = mix(by_absolute_path, tmp_path / "absolute")
+    readme = (absolute / "README.md").read_text()
+    assert str(a.parent) not in readme and str(tmp_path) not in readme
+    assert not [word for word in re.findall(r"(?<![\w.-])/[^\s'\"`,)\]]+", readme) if Path(word).exists()]
+    assert _card_recipe(absolute) == {
+        **by_absolute_path,
+        "base_model": a.name,
+        "models": [{"model": a.name, "parameters": {"weight": 0.3}}, {"model": b.name, "parameters": {"weight": 0.7}}],
+    }
+
+    by_relative_path = tmp_path / "recipe.yaml"
+    relative_models = [
+        {**entry, "model": os.path.relpath(entry["model"], tmp_path)} for entry in by_absolute_path["models"]
+    ]
+    by_relative_path.write_text(
+        yaml.safe_dump({**by_absolute_path, "base_model": os.path.relpath(a, tmp_path), "models": relative_models})
+    )
+    relative = mix(by_relative_path, tmp_path / "relative")
+    assert _card_recipe(relative) == _card_recipe(absolute)
+    mixed, reference = tensors(absolute), tensors(relative)
+    assert all(torch.equal(mixed[key], reference[key]) for key in reference)
+    ta, tb = tensors(a)[LLM_KEY].float(), tensors(b)[LLM_KEY].float()
+    assert torch.equal(mixed[LLM_KEY], ((0.3 * ta + 0.7 * tb) / (0.3 + 0.7)).to(torch.bfloat16))
