@@ -49,7 +49,7 @@ def _cmd_mix(args):
 
 def _cmd_train(args):
     register_models()
-    from .sft_data import DataError
+    from .data import DataError
     from .training import main as train_main
 
     if not Path(args.config).is_file():
@@ -65,8 +65,7 @@ def _cmd_eval(args):
     register_models()
     from .evaluation import evaluate, record_in_card
 
-    processor, model = _load_for_chat(args)
-    model.eval()
+    processor, model = _load(args)
     out = Path(args.out or Path("runs") / "eval" / f"{Path(args.model).name}-{args.task}")
     results = evaluate(
         model,
@@ -113,78 +112,20 @@ def _cmd_push(args):
     print(f"pushed {args.folder} to {info.commit_url}")
 
 
-def _draw(image_path: str, grounded, out_path: str, truth: list[float] | None = None):
-    """The image with the answer's boxes (orange, with their phrases) and points (cyan), and a known true box
-    (green) when given."""
-    from PIL import ImageDraw
+def _load(args):
+    from .inference import load_pretrained
 
-    from .processing.image_processing_sphinx import load_image_file, to_rgb
-
-    image = to_rgb(load_image_file(image_path))
-    draw = ImageDraw.Draw(image)
-    if truth is not None:
-        draw.rectangle(truth, outline=(40, 200, 70), width=1)
-    for entity in grounded.entities:
-        for box in entity.boxes:
-            draw.rectangle(box, outline=(255, 64, 0), width=max(1, min(image.size) // 150))
-            if entity.phrase:
-                draw.text((box[0] + 2, box[1] + 2), entity.phrase, fill=(255, 64, 0))
-        for x, y in entity.points:
-            radius = max(2, min(image.size) // 120)
-            draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=(0, 200, 255))
-    image.save(out_path)
-
-
-def _load_for_chat(args):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    kwargs = {"dtype": args.dtype, "device_map": args.device_map}
-    if args.load_in_4bit:
-        import torch
-
-        from .quantization import four_bit_config
-
-        compute = torch.float32 if args.dtype in ("auto", "float32") else getattr(torch, args.dtype)
-        kwargs.update(dtype=compute, quantization_config=four_bit_config(compute))
-    try:
-        processor = AutoProcessor.from_pretrained(args.model)
-        model = AutoModelForImageTextToText.from_pretrained(args.model, **kwargs)
-    except OSError as error:
-        reason = str(error).strip().splitlines()[0]
-        if not Path(args.model).exists():
-            raise ValueError(
-                f"{args.model!r} is neither a model folder nor a Hub model that loads: {reason}"
-            ) from None
-        raise ValueError(f"{args.model!r} is not a complete model folder: {reason}") from None
-    return processor, model
+    return load_pretrained(args.model, dtype=args.dtype, device_map=args.device_map, load_in_4bit=args.load_in_4bit)
 
 
 def _cmd_chat(args):
     register_models()
-    import torch
+    from .data import open_image
+    from .inference import Chat, draw_answer, read_answer
 
-    from .processing.image_processing_sphinx import load_image_file
-
-    image = load_image_file(args.image)  # fails early, with the file named, on a bad image
-    processor, model = _load_for_chat(args)
-    model.eval()
-    messages = []
-
-    def answer(prompt: str) -> str:
-        content = [{"type": "text", "text": prompt}]
-        if not messages:
-            content.insert(0, {"type": "image", "image": image})
-        messages.append({"role": "user", "content": content})
-        inputs = processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        ).to(model.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        with torch.inference_mode():
-            generated = model.generate(**inputs, max_new_tokens=args.max_new_tokens)
-        text = processor.post_process_image_text_to_text(generated[0, inputs["input_ids"].shape[1] :])
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
-        return text
-
+    image = open_image(args.image)  # fails early, with the file named, on a bad image
+    processor, model = _load(args)
+    chat = Chat(model, processor, image)
     prompts = [args.prompt] if args.prompt is not None else None
     while True:
         if prompts is None:
@@ -198,11 +139,11 @@ def _cmd_chat(args):
             prompt = prompts.pop()
         else:
             break
-        text = answer(prompt)
+        text = chat.ask(prompt, max_new_tokens=args.max_new_tokens)
         print(text)
         if args.draw:
-            grounded = processor.post_process_generation(text, (image.height, image.width))
-            _draw(args.image, grounded, args.draw)
+            grounded = read_answer(processor, text, image)
+            draw_answer(image, grounded).save(args.draw)
             print(f"drew {len(grounded.boxes)} boxes and {len(grounded.points)} points into {args.draw}")
 
 
@@ -224,7 +165,7 @@ def _cmd_serve(args):
     register_models()
     from .serve import build_app
 
-    processor, model = _load_for_chat(args)
+    processor, model = _load(args)
     app = build_app(model, processor, title=f"SPHINX · {Path(args.model).name}")
     app.queue().launch(server_name=args.host, server_port=args.port, show_error=True, ssr_mode=False)
 
@@ -293,9 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--resume", action="store_true", help="continue an interrupted run in the same --out")
     evaluate.add_argument("--record-in-card", action="store_true", help="add the metrics to the folder's model card")
     evaluate.add_argument("--dataset-name", help="name for the card's model-index (default: the data file's name)")
-    evaluate.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    evaluate.add_argument("--device-map", default=None)
-    evaluate.add_argument("--load-in-4bit", action="store_true")
+    _add_loading_arguments(evaluate)
     evaluate.set_defaults(func=_cmd_eval)
 
     demo = commands.add_parser("demo", help="SPHINX's recipe in miniature: train, mix, tune, evaluate (offline, CPU)")

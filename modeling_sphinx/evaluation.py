@@ -16,16 +16,14 @@ it) and writes `metrics.json` from every line. Images are paths (relative to the
 | `rec` | `image`, `expression`, `box` `[x1,y1,x2,y2]` or COCO `bbox` (pixels) | `referring_expression` | Acc@IoU>=0.5, mean IoU |
 """
 
-import io
 import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import PIL.Image
-
 from . import metrics
+from .data import open_image, read_rows, record_box
 from .processing.tasks_sphinx import TASK_INSTRUCTIONS
 
 MULTIPLE_CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
@@ -38,7 +36,7 @@ class EvalTask:
     columns: tuple[tuple[str, ...], ...]  # each entry: one of these column names must be present
     prompt: Callable[[dict], str]
     parse: Callable[[str, dict, tuple[int, int]], object]
-    target: Callable[[dict, tuple[int, int]], object]
+    target: Callable[[dict, tuple[int, int], str], object]  # (row, (height, width), where the row is)
     score: Callable[[object, object], float]
     aggregate: Callable[[list[dict]], dict[str, float]]
 
@@ -54,24 +52,12 @@ def _mean_score(name: str) -> Callable[[list[dict]], dict[str, float]]:
     return lambda rows: {name: sum(r["score"] for r in rows) / len(rows)}
 
 
-def _box(row: dict, image_size: tuple[int, int]) -> list[float]:
-    height, width = image_size
-    if row.get("box") is not None:
-        box = [float(v) for v in row["box"]]
-    else:
-        x, y, w, h = (float(v) for v in row["bbox"])
-        box = [x, y, x + w, y + h]
-    if not (0 <= box[0] < box[2] <= width + 0.5 and 0 <= box[1] < box[3] <= height + 0.5):
-        raise ValueError(f"box {box} is not inside the {width}x{height} image")
-    return box
-
-
 def _vqa(instruction: str) -> EvalTask:
     return EvalTask(
         columns=(("image",), ("question",), ("answer", "answers")),
         prompt=lambda row: TASK_INSTRUCTIONS[instruction].format(question=row["question"]),
         parse=lambda answer, row, size: answer.strip(),
-        target=lambda row, size: _answers(row),
+        target=lambda row, size, where: _answers(row),
         score=metrics.vqa_accuracy,
         aggregate=_mean_score("accuracy"),
     )
@@ -89,7 +75,7 @@ EVAL_TASKS: dict[str, EvalTask] = {
         columns=(("image",), ("question",), ("options",), ("answer",)),
         prompt=_multiple_choice_prompt,
         parse=lambda answer, row, size: metrics.multiple_choice_letter(answer, list(row["options"])),
-        target=lambda row, size: str(row["answer"]).strip().upper(),
+        target=lambda row, size, where: str(row["answer"]).strip().upper(),
         score=lambda parsed, target: float(parsed == target),
         aggregate=_mean_score("accuracy"),
     ),
@@ -97,7 +83,7 @@ EVAL_TASKS: dict[str, EvalTask] = {
         columns=(("image",), ("question",), ("answer",)),
         prompt=lambda row: TASK_INSTRUCTIONS["vqa_short"].format(question=row["question"]),
         parse=lambda answer, row, size: metrics.yes_or_no(answer),
-        target=lambda row, size: str(row["answer"]).strip().lower(),
+        target=lambda row, size, where: str(row["answer"]).strip().lower(),
         score=lambda parsed, target: float(parsed == target),
         aggregate=lambda rows: metrics.pope_metrics([r["parsed"] for r in rows], [r["target"] for r in rows]),
     ),
@@ -107,7 +93,7 @@ EVAL_TASKS: dict[str, EvalTask] = {
             expression=str(row["expression"]).rstrip(".")
         ),
         parse=lambda answer, row, size: metrics.predicted_box(answer, size),
-        target=_box,
+        target=record_box,
         score=lambda parsed, target: metrics.box_iou(parsed, target) if parsed is not None else 0.0,
         aggregate=lambda rows: metrics.rec_metrics([r["parsed"] for r in rows], [r["target"] for r in rows]),
     ),
@@ -116,8 +102,6 @@ EVAL_TASKS: dict[str, EvalTask] = {
 
 def load_rows(data: str | Path) -> tuple[list[dict], Path]:
     """Rows of a JSONL / JSON / Parquet file or a `datasets` folder, and the folder image paths are relative to."""
-    from .sft_data import DataError, _read_rows
-
     data = Path(data)
     if data.is_dir():
         import datasets
@@ -129,26 +113,7 @@ def load_rows(data: str | Path) -> tuple[list[dict], Path]:
         if isinstance(loaded, datasets.DatasetDict):
             loaded = loaded[next(iter(loaded))]
         return list(loaded), data
-    try:
-        return _read_rows(data), data.parent
-    except DataError as error:
-        raise ValueError(str(error)) from None
-
-
-def _open_image(value, root: Path, where: str) -> PIL.Image.Image:
-    from .processing.image_processing_sphinx import load_image_file, to_rgb
-
-    if isinstance(value, PIL.Image.Image):
-        return to_rgb(value)
-    if isinstance(value, dict) and value.get("bytes"):
-        return to_rgb(PIL.Image.open(io.BytesIO(value["bytes"])))
-    path = value.get("path") if isinstance(value, dict) else value
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"{where}: the image is neither a path, a PIL image nor embedded bytes")
-    full = Path(path) if Path(path).is_absolute() else root / path
-    if not full.is_file():
-        raise ValueError(f"{where}: image file {str(full)!r} does not exist")
-    return to_rgb(load_image_file(str(full)))
+    return read_rows(data), data.parent
 
 
 def _check_columns(task: EvalTask, rows: list[dict], data: Path):
@@ -185,8 +150,9 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, float]:
     """Evaluate `model` on one task; returns the metrics also written to `out_dir/metrics.json`."""
-    import torch
     from tqdm.auto import tqdm
+
+    from .inference import generate_answers, user_turn
 
     if task not in EVAL_TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(EVAL_TASKS)}")
@@ -212,30 +178,16 @@ def evaluate(
             images, prompts, targets = [], [], []
             for index, row in batch:
                 where = f"{data}, row {_row_id(row, index)}"
-                image = _open_image(row["image"], root, where)
+                image = open_image(row["image"], root, where)
                 size = (image.height, image.width)
                 try:
-                    targets.append(spec.target(row, size))
-                except (KeyError, ValueError) as error:
-                    raise ValueError(f"{where}: {error}") from None
+                    targets.append(spec.target(row, size, where))
+                except KeyError as error:
+                    raise ValueError(f"{where}: the record has no {error}") from None
                 images.append(image)
                 prompts.append(spec.prompt(row))
-            messages = [
-                [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
-                for image, prompt in zip(images, prompts, strict=True)
-            ]
-            inputs = processor.apply_chat_template(
-                messages,
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-                return_tensors="pt",
-                processor_kwargs={"padding": True},
-            ).to(model.device)
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-            with torch.inference_mode():
-                generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            answers = processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])
+            conversations = [[user_turn(prompt, image)] for image, prompt in zip(images, prompts, strict=True)]
+            answers = generate_answers(model, processor, conversations, max_new_tokens=max_new_tokens, do_sample=False)
             for (index, row), image, prompt, answer, target in zip(
                 batch, images, prompts, answers, targets, strict=True
             ):

@@ -18,8 +18,8 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 from lmms_eval.protocol import ChatMessages
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from .inference import generate_answers, load_pretrained
 from .processing.tasks_sphinx import SEPARATOR, TASK_INSTRUCTIONS
 
 REC_TASK = re.compile(r"refcoco.*_bbox_rec")
@@ -64,11 +64,8 @@ class SphinxLMMS(lmms):
         self.device_name = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size_per_gpu = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
-        self.processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            pretrained, dtype=dtype, trust_remote_code=trust_remote_code
-        ).to(self.device_name)
-        self.model.eval()
+        self.processor, self.model = load_pretrained(pretrained, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.model.to(self.device_name)
 
     def _prepare(self, request: Instance):
         _, doc_to_messages, gen_kwargs, doc_id, task, split = request.args
@@ -87,21 +84,14 @@ class SphinxLMMS(lmms):
         answers = []
         for start in range(0, len(requests), self.batch_size_per_gpu):
             prepared = [self._prepare(r) for r in requests[start : start + self.batch_size_per_gpu]]
-            inputs = self.processor.apply_chat_template(
+            max_new_tokens = int(prepared[0][2].get("max_new_tokens", self.max_new_tokens))
+            texts = generate_answers(
+                self.model,
+                self.processor,
                 [messages for messages, _, _, _ in prepared],
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-                return_tensors="pt",
-                processor_kwargs={"padding": True},
-            ).to(self.model.device)
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-            gen_kwargs = prepared[0][2]
-            max_new_tokens = int(gen_kwargs.get("max_new_tokens", self.max_new_tokens))
-            with torch.inference_mode():
-                generated = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            texts = self.processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+            )
             for text, (_, images, kwargs, rec) in zip(texts, prepared, strict=True):
                 until = kwargs.get("until") or []
                 text = _cut_at(text, [*([until] if isinstance(until, str) else until), SEPARATOR]).strip()

@@ -19,16 +19,14 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
 
 from pathlib import Path  # noqa: E402
-from threading import Thread  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
-import torch  # noqa: E402
-from transformers import TextIteratorStreamer  # noqa: E402
 
-from .processing.image_processing_sphinx import load_image_file, to_rgb  # noqa: E402
-from .processing.tasks_sphinx import TASK_INSTRUCTIONS, format_box, strip_separator  # noqa: E402
+from .data import open_image  # noqa: E402
+from .inference import Chat, read_answer, sampling_settings  # noqa: E402
+from .processing.tasks_sphinx import TASK_INSTRUCTIONS, format_box  # noqa: E402
 
 MAX_UPLOAD_BYTES = 25 * 1024**2
 MAX_UPLOAD_PIXELS = 50_000_000
@@ -73,7 +71,7 @@ def read_upload(upload) -> PIL.Image.Image:
     if width * height > MAX_UPLOAD_PIXELS:
         raise gr.Error(f"{name!r} is {width}x{height} pixels; the limit is {MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels.")
     try:
-        return to_rgb(load_image_file(path))
+        return open_image(path)
     except ValueError:
         raise gr.Error(f"{name!r} is damaged: its image data is truncated or corrupt.") from None
 
@@ -105,7 +103,7 @@ def instruction(shortcut: str, argument: str, upload) -> str:
 
 def annotations(processor, text: str, image: PIL.Image.Image) -> dict:
     """The boxes and points of an answer in pixels of `image`, each with its phrase (or its number)."""
-    grounded = processor.post_process_generation(text, (image.height, image.width))
+    grounded = read_answer(processor, text, image)
     boxes, points = [], []
     for entity in grounded.entities:
         for box in entity.boxes:
@@ -135,83 +133,54 @@ def annotated_image(image: PIL.Image.Image, found: dict):
     return np.asarray(image), regions
 
 
-class SphinxChat:
-    """Generation for the app: one model and processor, answers streamed as they are decoded."""
+def stream_answer(chat: Chat, question: str, max_new_tokens, sampling, temperature, top_p):
+    """The answer to `question` in `chat` as it grows; a failed generation becomes a message on the page."""
+    settings = {"max_new_tokens": int(max_new_tokens), **sampling_settings(sampling, temperature, top_p)}
+    try:
+        yield from chat.stream(question, **settings)
+    except Exception as error:
+        raise gr.Error(f"Generation failed: {error}") from None
 
-    def __init__(self, model, processor):
-        self.model = model.eval()
-        self.processor = processor
 
-    def stream(self, messages: list[dict], max_new_tokens: int, sampling: bool, temperature: float, top_p: float):
-        """Yield the answer to the last user turn of `messages` as it grows, without the turn separator."""
-        inputs = self.processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        ).to(self.model.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        settings = {"max_new_tokens": int(max_new_tokens), "do_sample": bool(sampling), "streamer": streamer}
-        if sampling:
-            settings.update(temperature=float(temperature), top_p=float(top_p))
-        else:
-            settings.update(temperature=None, top_p=None, top_k=None)  # greedy: no sampling knobs to warn about
-        failure = []
-
-        def run():
-            try:
-                with torch.inference_mode():
-                    self.model.generate(**inputs, **settings)
-            except Exception as error:  # re-raised in the request's thread, where Gradio reports it
-                failure.append(error)
-                streamer.on_finalized_text("", stream_end=True)
-
-        worker = Thread(target=run, daemon=True)
-        worker.start()
-        text = ""
-        for piece in streamer:
-            text += piece
-            yield strip_separator(text)
-        worker.join()
-        if failure:
-            raise gr.Error(f"Generation failed: {failure[0]}")
-        yield strip_separator(text)
-
-    def answer(self, upload, question: str, max_new_tokens=256, sampling=False, temperature=0.7, top_p=0.9) -> dict:
-        """One question about one image: `{"text", "boxes": [{"label", "box"}], "points": [{"label", "point"}]}`."""
-        image = read_upload(upload)
-        if not question or not question.strip():
-            raise gr.Error("Ask a question.")
-        messages = [
-            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}
-        ]
-        *_, text = self.stream(messages, max_new_tokens, sampling, temperature, top_p)
-        return {"text": text, **annotations(self.processor, text, image)}
+def answer_one(
+    model, processor, upload, question: str, max_new_tokens=256, sampling=False, temperature=0.7, top_p=0.9
+):
+    """One question about one image: `{"text", "boxes": [{"label", "box"}], "points": [{"label", "point"}]}`."""
+    image = read_upload(upload)
+    if not question or not question.strip():
+        raise gr.Error("Ask a question.")
+    chat = Chat(model, processor, image, reuse_cache=False)
+    *_, text = stream_answer(chat, question, max_new_tokens, sampling, temperature, top_p)
+    return {"text": text, **annotations(processor, text, image)}
 
 
 def build_app(model, processor, title: str = "SPHINX") -> gr.Blocks:
-    """The Gradio app for `model`; launch it with `.queue().launch(...)`."""
-    chat = SphinxChat(model, processor)
+    """The Gradio app for `model`; launch it with `.queue().launch(...)`.
+
+    Each browser session keeps its conversation as a `Chat`, whose KV cache makes a follow-up question cost its
+    own tokens only; a new image, or "New conversation", starts a new one."""
+    model.eval()
 
     def new_image(upload):
         image = read_upload(upload)
-        return (np.asarray(image), []), [], [], []
+        return (np.asarray(image), []), [], None, []
 
     def clear():
-        return None, [], [], [], ""
+        return None, [], None, [], ""
 
-    def respond(upload, question, messages, max_new_tokens, sampling, temperature, top_p):
+    def respond(upload, question, chat, max_new_tokens, sampling, temperature, top_p):
         image = read_upload(upload)
         if not question.strip():
             raise gr.Error("Type a question or pick a task shortcut.")
-        content = [{"type": "text", "text": question}]
-        if not messages:
-            content.insert(0, {"type": "image", "image": image})
-        messages = [*messages, {"role": "user", "content": content}]
-        shown = transcript(messages)
+        chat = chat or Chat(model, processor, image)
+        shown = [*transcript(chat.messages), {"role": "user", "content": question}]
         text = ""
-        for text in chat.stream(messages, max_new_tokens, sampling, temperature, top_p):
-            yield [*shown, {"role": "assistant", "content": text}], messages, gr.skip(), ""
-        messages = [*messages, {"role": "assistant", "content": [{"type": "text", "text": text}]}]
-        yield transcript(messages), messages, annotated_image(image, annotations(processor, text, image)), ""
+        for text in stream_answer(chat, question, max_new_tokens, sampling, temperature, top_p):
+            yield [*shown, {"role": "assistant", "content": text}], chat, gr.skip(), ""
+        yield transcript(chat.messages), chat, annotated_image(image, annotations(processor, text, image)), ""
+
+    def answer(upload, question, max_new_tokens, sampling, temperature, top_p):
+        return answer_one(model, processor, upload, question, max_new_tokens, sampling, temperature, top_p)
 
     def pick_corner(corners, event: gr.SelectData):
         corners = [*corners, [int(v) for v in event.index]][-2:]
@@ -223,7 +192,7 @@ def build_app(model, processor, title: str = "SPHINX") -> gr.Blocks:
 
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(f"## {title}\nUpload an image, then ask about it or pick a task. Boxes in the answer are drawn.")
-        messages = gr.State([])
+        conversation_state = gr.State(None)  # the session's Chat
         corners = gr.State([])
         with gr.Row():
             with gr.Column(scale=1):
@@ -249,22 +218,28 @@ def build_app(model, processor, title: str = "SPHINX") -> gr.Blocks:
                 api_result = gr.JSON(visible=False, label="answer")
                 api_trigger = gr.Button(visible=False)
 
-        conversation = [chatbot, messages, annotated, question]
+        conversation = [chatbot, conversation_state, annotated, question]
         settings = [max_new_tokens, sampling, temperature, top_p]
         image.upload(
-            new_image, image, [annotated, chatbot, messages, corners], preprocess=False, api_visibility="private"
+            new_image,
+            image,
+            [annotated, chatbot, conversation_state, corners],
+            preprocess=False,
+            api_visibility="private",
         )
-        image.clear(clear, None, [annotated, chatbot, messages, corners, argument], api_visibility="private")
+        image.clear(clear, None, [annotated, chatbot, conversation_state, corners, argument], api_visibility="private")
         image.select(pick_corner, corners, [corners, shortcut, argument], api_visibility="private")
         use.click(instruction, [shortcut, argument, image], question, preprocess=False, api_visibility="private")
         for trigger in (send.click, question.submit):
             trigger(
                 respond,
-                [image, question, messages, *settings],
+                [image, question, conversation_state, *settings],
                 conversation,
                 preprocess=False,
                 api_visibility="private",
             )
-        reset.click(lambda: ([], [], gr.skip()), None, [chatbot, messages, annotated], api_visibility="private")
-        api_trigger.click(chat.answer, [image, question, *settings], api_result, preprocess=False, api_name="answer")
+        reset.click(
+            lambda: ([], None, gr.skip()), None, [chatbot, conversation_state, annotated], api_visibility="private"
+        )
+        api_trigger.click(answer, [image, question, *settings], api_result, preprocess=False, api_name="answer")
     return app

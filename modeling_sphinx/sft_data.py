@@ -25,15 +25,14 @@ Builders read the formats people have on disk (`TASK_BUILDERS`):
 Bad data raises a `DataError` naming the file and the record.
 """
 
-import csv
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import PIL.Image
 import yaml
 
+from .data import DataError, image_file, pixel_box, read_rows, record_box, xywh_to_xyxy
 from .processing.tasks_sphinx import (
     TASK_INSTRUCTIONS,
     format_box,
@@ -41,10 +40,6 @@ from .processing.tasks_sphinx import (
     format_grounded,
     format_keypoints,
 )
-
-
-class DataError(ValueError):
-    """A training record that cannot be used, with the file and record it came from."""
 
 
 @dataclass
@@ -74,31 +69,6 @@ def sample(image: Path, turns: list[tuple[str, str]], task: str, record_id: str)
     return {"messages": messages, "images": [str(image)], "task": task, "id": record_id}
 
 
-def _read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise DataError(f"{path}: the data file does not exist")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".json":
-            rows = json.loads(path.read_text())
-        elif suffix == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        elif suffix == ".csv":
-            with path.open(newline="") as handle:
-                rows = list(csv.DictReader(handle))
-        elif suffix == ".parquet":
-            import pyarrow.parquet
-
-            rows = pyarrow.parquet.read_table(path).to_pylist()
-        else:
-            raise DataError(f"{path}: unknown data format {suffix!r} (use .json, .jsonl, .csv or .parquet)")
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
-        raise DataError(f"{path}: cannot read the data: {error}") from None
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a list of records, got {type(rows).__name__}")
-    return rows
-
-
 def _field(row: dict, key: str, where: str):
     if not isinstance(row, dict) or row.get(key) in (None, ""):
         raise DataError(f"{where}: the record has no {key!r}")
@@ -106,42 +76,12 @@ def _field(row: dict, key: str, where: str):
 
 
 def _image(source: Source, name: str, where: str) -> tuple[Path, tuple[int, int]]:
-    """The image file of a record and its `(height, width)`, read from the file header."""
-    root = source.image_root if source.image_root is not None else source.path.parent
-    path = Path(name) if Path(name).is_absolute() else root / name
-    if not path.is_file():
-        raise DataError(f"{where}: image file {str(path)!r} does not exist")
-    try:
-        with PIL.Image.open(path) as image:
-            width, height = image.size
-    except (OSError, PIL.Image.DecompressionBombError) as error:
-        raise DataError(f"{where}: cannot read image {str(path)!r}: {error}") from None
-    return path, (height, width)
-
-
-def _check_box(box, size: tuple[int, int], where: str) -> list[float]:
-    """A pixel box `[x1, y1, x2, y2]` inside the `(height, width)` image (half a pixel of rounding allowed)."""
-    height, width = size
-    try:
-        x1, y1, x2, y2 = (float(v) for v in box)
-    except (TypeError, ValueError):
-        raise DataError(f"{where}: a box is 4 numbers [x1, y1, x2, y2], got {box!r}") from None
-    if not (-0.5 <= x1 < x2 <= width + 0.5 and -0.5 <= y1 < y2 <= height + 0.5):
-        raise DataError(
-            f"{where}: box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] is not inside the {width}x{height} image "
-            "(boxes are [x1, y1, x2, y2] in pixels, x1 < x2, y1 < y2)"
-        )
-    return [min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(x2, width), min(y2, height)]
-
-
-def _xywh_to_xyxy(bbox) -> list[float]:
-    x, y, w, h = (float(v) for v in bbox)
-    return [x, y, x + w, y + h]
+    return image_file(name, source.image_root if source.image_root is not None else source.path.parent, where)
 
 
 def build_conversations(source: Source) -> Iterator[dict]:
     """LLaVA/SPHINX conversation records; `<image>` markers in the text are dropped (the image comes first)."""
-    for index, row in enumerate(_read_rows(source.path)):
+    for index, row in enumerate(read_rows(source.path)):
         where = f"{source.path}, record {index}"
         image, _ = _image(source, _field(row, "image", where), where)
         turns = _field(row, "conversations", where)
@@ -157,7 +97,7 @@ def build_conversations(source: Source) -> Iterator[dict]:
 
 def build_vqa(source: Source) -> Iterator[dict]:
     """Short-answer VQA rows, with the original's "single word or phrase" instruction."""
-    for index, row in enumerate(_read_rows(source.path)):
+    for index, row in enumerate(read_rows(source.path)):
         where = f"{source.path}, record {index}"
         image, _ = _image(source, _field(row, "image", where), where)
         instruction = row.get("instruction") or source.options.get("instruction", "vqa_short")
@@ -198,7 +138,7 @@ def _boxes_by_category(annotations, categories, where, size) -> dict[str, list[l
         name = categories.get(annotation.get("category_id"))
         if name is None:
             raise DataError(f"{where}: annotation {annotation.get('id')} has an unknown category_id")
-        box = _check_box(_xywh_to_xyxy(annotation["bbox"]), size, f"{where}, annotation {annotation.get('id')}")
+        box = pixel_box(xywh_to_xyxy(annotation["bbox"]), size, f"{where}, annotation {annotation.get('id')}")
         grouped.setdefault(name, []).append(box)
     return grouped
 
@@ -236,7 +176,7 @@ def build_keypoints(source: Source) -> Iterator[dict]:
         path, size = _image(source, image["file_name"], where)
         for annotation in annotations:
             at = f"{where}, annotation {annotation.get('id')}"
-            box = _check_box(_xywh_to_xyxy(annotation["bbox"]), size, at)
+            box = pixel_box(xywh_to_xyxy(annotation["bbox"]), size, at)
             points = annotation["keypoints"]
             for joint in range(len(points) // 3):
                 if points[3 * joint + 2] > 0:
@@ -252,16 +192,10 @@ def build_keypoints(source: Source) -> Iterator[dict]:
 
 
 def _referring_records(source: Source) -> Iterator[tuple[Path, tuple[int, int], list[float], list[str], str]]:
-    for index, row in enumerate(_read_rows(source.path)):
+    for index, row in enumerate(read_rows(source.path)):
         where = f"{source.path}, record {index}"
         path, size = _image(source, _field(row, "image", where), where)
-        if row.get("box") is not None:
-            box = row["box"]
-        elif row.get("bbox") is not None:
-            box = _xywh_to_xyxy(row["bbox"])
-        else:
-            raise DataError(f"{where}: the record has no 'box' ([x1, y1, x2, y2]) or 'bbox' ([x, y, w, h])")
-        box = _check_box(box, size, where)
+        box = record_box(row, size, where)
         expressions = row.get("sentences") or [_field(row, "expression", where)]
         yield path, size, box, [str(e) for e in expressions], f"{source.label()}#{row.get('id', index)}"
 
@@ -284,11 +218,11 @@ def build_region_caption(source: Source) -> Iterator[dict]:
 
 def build_text_detection(source: Source) -> Iterator[dict]:
     """OCR with boxes: every text of the image as a grounded phrase, `<p>text</p>[box]`."""
-    for index, row in enumerate(_read_rows(source.path)):
+    for index, row in enumerate(read_rows(source.path)):
         where = f"{source.path}, record {index}"
         path, size = _image(source, _field(row, "image", where), where)
         texts = _field(row, "texts", where)
-        phrases = [(str(_field(t, "text", where)), [_check_box(_field(t, "box", where), size, where)]) for t in texts]
+        phrases = [(str(_field(t, "text", where)), [pixel_box(_field(t, "box", where), size, where)]) for t in texts]
         question = TASK_INSTRUCTIONS["text_detection"]
         answer = format_grounded(phrases, size)
         yield sample(path, [(question, answer)], "text_detection", f"{source.label()}#{row.get('id', index)}")
@@ -296,7 +230,7 @@ def build_text_detection(source: Source) -> Iterator[dict]:
 
 def build_chart_to_table(source: Source) -> Iterator[dict]:
     """Chart parsing: the chart's data table as the answer."""
-    for index, row in enumerate(_read_rows(source.path)):
+    for index, row in enumerate(read_rows(source.path)):
         where = f"{source.path}, record {index}"
         path, _ = _image(source, _field(row, "image", where), where)
         question = TASK_INSTRUCTIONS["chart_to_table"]

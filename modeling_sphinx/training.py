@@ -22,12 +22,14 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer, TrlParser
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from .build import save_model_folder
-from .quantization import four_bit_config
+from .card import hub_reference
+from .dtypes import dtype_named
+from .inference import load_model, load_processor
 from .sft_data import load_mixture
 
 LLM_LINEAR_LAYERS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -56,11 +58,7 @@ class SphinxTuningArguments:
     def __post_init__(self):
         if self.tuning not in ("full", "lora", "qlora"):
             raise ValueError(f"tuning must be full, lora or qlora, got {self.tuning!r}")
-        if self.dtype not in ("bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
-        if self.tuning == "qlora" and self.dtype != "bfloat16":
-            # TRL casts the trainable parameters of a quantized model to bfloat16; the rest must match them
-            raise ValueError(f"QLoRA trains in bfloat16: set dtype: bfloat16 (got {self.dtype})")
+        dtype_named(self.dtype)
         if self.tuning == "qlora" and self.dtype != "bfloat16":
             # TRL casts the trainable parameters of a quantized model to bfloat16; the rest must match them
             raise ValueError(f"QLoRA trains in bfloat16: set dtype: bfloat16 (got {self.dtype})")
@@ -111,15 +109,9 @@ class ImageBoundaryCheckpoints(TrainerCallback):
                 parameter.copy_(saved[name].to(parameter.dtype))
 
 
-def _load_model(args: SphinxTuningArguments):
-    dtype = getattr(torch, args.dtype)
-    kwargs = {"dtype": dtype}
-    if args.tuning == "qlora":
-        kwargs["quantization_config"] = four_bit_config(dtype)
-    try:
-        return AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, **kwargs)
-    except OSError as error:
-        raise ValueError(f"cannot load {args.model_name_or_path!r}: {str(error).splitlines()[0]}") from None
+def load_model_to_tune(args: SphinxTuningArguments):
+    """The model to tune, in `args.dtype`; for QLoRA with its LLM in 4-bit NF4."""
+    return load_model(args.model_name_or_path, dtype=args.dtype, load_in_4bit=args.tuning == "qlora")
 
 
 def _peft_config(args: SphinxTuningArguments, model):
@@ -151,14 +143,14 @@ def check_max_length(training_args: SFTConfig, processor):
 
 def train(args: SphinxTuningArguments, training_args: SFTConfig) -> Path:
     """Run one fine-tuning job; returns the folder of the final, complete model."""
-    processor = AutoProcessor.from_pretrained(args.model_name_or_path)
+    processor = load_processor(args.model_name_or_path)
     check_max_length(training_args, processor)
     if args.streaming and training_args.max_steps <= 0:
         raise ValueError("a streamed mixture has no length: set max_steps")
     train_dataset = load_mixture(args.mixture, streaming=args.streaming)
     eval_dataset = load_mixture(args.eval_mixture) if args.eval_mixture else None
     training_args.remove_unused_columns = False
-    model = _load_model(args)
+    model = load_model_to_tune(args)
     peft_config = _peft_config(args, model)
     collator = SphinxDataCollator(
         processor=processor,
@@ -190,7 +182,11 @@ def train(args: SphinxTuningArguments, training_args: SFTConfig) -> Path:
     if trainer.accelerator.is_main_process:
         final = _merged(trainer, args)
         final.config.use_cache = True
-        provenance = {"kind": "fine-tuned", "base_model": args.model_name_or_path, "tuning": args.tuning}
+        provenance = {
+            "kind": "fine-tuned",
+            "base_model": hub_reference(args.model_name_or_path),
+            "tuning": args.tuning,
+        }
         save_model_folder(final.eval(), processor, model_dir, provenance=provenance)
     trainer.accelerator.wait_for_everyone()
     return model_dir
@@ -211,7 +207,7 @@ def _merged(trainer: SFTTrainer, args: SphinxTuningArguments):
     }
     from peft import PeftModel
 
-    base = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=getattr(torch, args.dtype))
+    base = load_model(args.model_name_or_path, dtype=args.dtype)
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     with torch.no_grad():
         for name, parameter in merged.named_parameters():

@@ -24,7 +24,8 @@ from modeling_sphinx.processing.tasks_sphinx import (
     format_point,
     parse_grounding,
 )
-from modeling_sphinx.sft_data import DataError, build_samples, load_mixture, read_mixture
+from modeling_sphinx.data import DataError
+from modeling_sphinx.sft_data import build_samples, load_mixture, read_mixture
 from modeling_sphinx.training import SphinxDataCollator
 
 from .conftest import IMAGES
@@ -416,12 +417,12 @@ def test_qlora_trains_with_the_towers_in_16_bit(world, tiny_sphinx, tmp_path):
     pytest.importorskip("bitsandbytes", reason="QLoRA needs the quant extra (pip install -e '.[quant]')")
     import bitsandbytes as bnb
 
-    from modeling_sphinx.training import SphinxTuningArguments, _load_model
+    from modeling_sphinx.training import SphinxTuningArguments, load_model_to_tune
 
     with pytest.raises(ValueError, match="QLoRA trains in bfloat16"):
         SphinxTuningArguments(model_name_or_path=str(tiny_sphinx), mixture="unused", tuning="qlora", dtype="float32")
     args = SphinxTuningArguments(model_name_or_path=str(tiny_sphinx), mixture="unused", tuning="qlora")
-    model = _load_model(args)
+    model = load_model_to_tune(args)
     four_bit = {name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
     assert four_bit and all(".language_model.layers." in name for name in four_bit)
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.model.visual_proj.modules())

@@ -6,11 +6,13 @@ Tested launch commands (tiny model, CPU; the test suite runs the first two):
     accelerate launch --num_processes 2 --cpu recipes/sft/sft_sphinx.py --config recipes/sft/smoke.yaml \
         --model_name_or_path runs/tiny --mixture MIXTURE.yaml
 
-On GPUs (commands from recipes/README.md; not run here, no GPU was lent to this task):
+On GPUs, with the accelerate configs that TRL ships (commands from recipes/README.md; not run here, no GPU was
+lent to this task):
 
+    TRL_CONFIGS=$(python -c "import pathlib, trl; print(pathlib.Path(trl.__file__).parent / 'accelerate_configs')")
     python recipes/sft/sft_sphinx.py --config recipes/sft/lora.yaml
-    accelerate launch --config_file recipes/sft/accelerate/fsdp2.yaml recipes/sft/sft_sphinx.py --config recipes/sft/full.yaml
-    accelerate launch --config_file recipes/sft/accelerate/zero3.yaml recipes/sft/sft_sphinx.py --config recipes/sft/full.yaml
+    accelerate launch --config_file $TRL_CONFIGS/fsdp2.yaml recipes/sft/sft_sphinx.py --config recipes/sft/full.yaml
+    accelerate launch --config_file $TRL_CONFIGS/zero3.yaml recipes/sft/sft_sphinx.py --config recipes/sft/full.yaml
 
 Measured (whole command: start-up, data, 8 steps of batch 2, merged save; 2026-12-01):
 
