@@ -8,8 +8,8 @@ SPHINX-Tiny-1k's input sizes:
 - `SphinxImageProcessorPil`: pad, then Pillow's resize (the path the default replaces);
 - `SphinxImageProcessor` (the default): batched tensors; the resize is Pillow's own for 8-bit images in CPU
   memory and `pillow_resize` (the torch port) on accelerators;
-- the torch port on this device: the default with `pillow_resize` forced;
-- torchvision: the default with the resize swapped for torchvision's bicubic antialiased resize (what
+- the torch port on this device: the default with `pillow_resize` as its `resize_images`;
+- torchvision: the default with torchvision's bicubic antialiased resize as its `resize_images` (what
   transformers' torchvision backends do): fast, not exact.
 Each call is timed from PIL images to the normalised `pixel_values` tensor; the median of `--repeats` is
 reported as images/s, with the largest difference from the Pillow path in 8-bit levels.
@@ -27,7 +27,7 @@ from torchvision.transforms.v2 import functional as tvF
 from transformers.image_utils import OPENAI_CLIP_STD
 
 from modeling_sphinx import SphinxImageProcessor, SphinxImageProcessorPil
-from modeling_sphinx.processing import image_processing_sphinx
+from modeling_sphinx.processing.image_processing_sphinx import pillow_resize
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "images"
 CLIP_STD = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
@@ -37,21 +37,25 @@ def torchvision_resize(images, size, resample):
     return tvF.resize(images, list(size), interpolation=InterpolationMode.BICUBIC, antialias=True)
 
 
-def timed(processor, images, repeats, device=None, resize=None):
-    original = image_processing_sphinx._resize_like_pillow
-    if resize is not None:
-        image_processing_sphinx._resize_like_pillow = resize
+def resizing_with(resize, size) -> SphinxImageProcessor:
+    """The default processor with `resize(images, size, resample)` in place of its `resize_images`."""
+
+    class Processor(SphinxImageProcessor):
+        def resize_images(self, images, size, resample):
+            return resize(images, size, resample)
+
+    return Processor(size=size)
+
+
+def timed(processor, images, repeats, device=None):
     kwargs = {"device": device} if device else {}
-    try:
-        times, pixels = [], None
-        for _ in range(repeats):
-            start = time.perf_counter()
-            pixels = torch.as_tensor(processor(images, return_tensors="pt", **kwargs)["pixel_values"])
-            if pixels.is_cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    finally:
-        image_processing_sphinx._resize_like_pillow = original
+    times, pixels = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        pixels = torch.as_tensor(processor(images, return_tensors="pt", **kwargs)["pixel_values"])
+        if pixels.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
     return statistics.median(times), pixels.cpu()
 
 
@@ -75,9 +79,10 @@ def main():
         default = SphinxImageProcessor(size=size)
         device = args.device
         rows.append(("default (SphinxImageProcessor)", *timed(default, images, args.repeats, device)))
-        port = timed(default, images, args.repeats, device, resize=image_processing_sphinx.pillow_resize)
+        port = timed(resizing_with(pillow_resize, size), images, args.repeats, device)
         rows.append((f"torch port (pillow_resize, {device or 'cpu'})", *port))
-        rows.append(("torchvision resize", *timed(default, images, args.repeats, device, resize=torchvision_resize)))
+        torchvision = timed(resizing_with(torchvision_resize, size), images, args.repeats, device)
+        rows.append(("torchvision resize", *torchvision))
         for name, seconds, pixels in rows:
             levels = ((pixels - pil_pixels) * CLIP_STD * 255).abs().max().item()  # back to 8-bit levels
             print(

@@ -73,8 +73,8 @@ def per_view_features(sphinx_model, pixel_values):
     for view in views.split(1):
         fused = [
             model.clip.forward_features(view),
-            model._convnext_tokens(view, None),
-            model.dinov2.forward_features(model._to_dinov2_statistics(view)),
+            model.convnext_tokens(view),
+            model.dinov2.forward_features(model.to_dinov2_statistics(view)),
         ]
         queries = model.qformer_proj(model.qformer(view))
         outs.append(torch.cat([queries, model.visual_proj(torch.cat(fused, -1))], 1))

@@ -99,6 +99,17 @@ def context_length(text_config) -> int | None:
     return max(limit, int(original * (rope.get("factor") or 1.0)))
 
 
+def cached_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> int:
+    """How many leading `input_ids` a cache passed to `generate` already holds.
+
+    As `generate` reads them: with an attention mask longer than `input_ids`, the ids are only the new ones;
+    otherwise they are the whole sequence, and the first `cache.get_seq_length()` of them are in the cache.
+    """
+    if cache is None or (attention_mask is not None and attention_mask.shape[1] != input_ids.shape[1]):
+        return 0
+    return cache.get_seq_length()
+
+
 def resize_through_float16(images: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     """Resize normalised pixels the way the original does: in float16, no antialias, back to the input dtype."""
     return F.interpolate(images.half(), size=(size, size), mode=mode).to(images.dtype)
@@ -298,8 +309,13 @@ class SphinxModel(SphinxPreTrainedModel):
             convnext_views = views_at(config.convnext_view_size, always_resize_global=True)
         return views, convnext_views
 
-    def _convnext_tokens(self, views: torch.Tensor, convnext_views: torch.Tensor | None) -> torch.Tensor:
-        """`[N * V, 1 + grid_side**2, C]`: the mean token, then the map row-major, duplicated up to the grid."""
+    def convnext_tokens(self, views: torch.Tensor, convnext_views: torch.Tensor | None = None) -> torch.Tensor:
+        """ConvNeXt's tokens of `views`: `[N * V, 1 + grid_side**2, C]`, the mean token, then the map row-major.
+
+        `views` and `convnext_views` are what `cut_views` returns; without `convnext_views`, ConvNeXt reads
+        `views` resized (nearest, in float16) to 256 px, as the original. A map smaller than the token grid is
+        duplicated up to it.
+        """
         if convnext_views is None:
             convnext_views = resize_through_float16(views, CONVNEXT_INPUT_FROM_VIEW, "nearest")
         feature_map = self.convnext(convnext_views.to(self.convnext.stem[0].weight.dtype))
@@ -345,9 +361,9 @@ class SphinxModel(SphinxPreTrainedModel):
             if self.clip is not None:
                 per_encoder.append(self.clip.forward_features(views.to(encoder_dtype)))
             if self.convnext is not None:
-                per_encoder.append(self._convnext_tokens(views, convnext_views))
+                per_encoder.append(self.convnext_tokens(views, convnext_views))
             if self.dinov2 is not None:
-                per_encoder.append(self.dinov2.forward_features(self._to_dinov2_statistics(views).to(encoder_dtype)))
+                per_encoder.append(self.dinov2.forward_features(self.to_dinov2_statistics(views).to(encoder_dtype)))
             queries = self.qformer(views) if self.qformer is not None else None
         fused = torch.cat([f.to(encoder_dtype) for f in per_encoder], dim=-1)
         tokens = [self.visual_proj(fused)]
@@ -364,8 +380,12 @@ class SphinxModel(SphinxPreTrainedModel):
         )
 
     @staticmethod
-    def _to_dinov2_statistics(views: torch.Tensor) -> torch.Tensor:
-        """Re-normalise CLIP-normalised pixels to ImageNet statistics, with the original's formula."""
+    def to_dinov2_statistics(views: torch.Tensor) -> torch.Tensor:
+        """DINOv2's input: CLIP-normalised pixels re-normalised to ImageNet statistics, with the original's formula.
+
+        `views` are normalised with the CLIP mean and std (what the processor gives); the result is what
+        ImageNet normalisation of the same pixels gives, up to rounding.
+        """
         clip_mean, clip_std, mean, std = (
             torch.tensor(v, dtype=views.dtype, device=views.device).view(3, 1, 1)
             for v in (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, IMAGENET_MEAN, IMAGENET_STD)
@@ -517,6 +537,32 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
             router_logits=outputs.router_logits,
         )
 
+    def _images_past_cache(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, cached_length: int):
+        """The images of `pixel_values` whose placeholders lie past the first `cached_length` ids (`None` if none).
+
+        `pixel_values` holding every image of `input_ids` (in the order of their placeholders, row by row, as the
+        processor gives them) lose those the cache holds; any other count is taken as the images past the cache,
+        for the model to check against their placeholders.
+        """
+        per_image = self.config.num_image_tokens
+        is_image = input_ids == self.config.image_token_id
+        cached_tokens = is_image[:, :cached_length].sum(dim=1)
+        if (cached_tokens % per_image).any():
+            raise ValueError(
+                f"the cache ends inside an image's {per_image} placeholder tokens: continue from a cache that holds "
+                "whole images"
+            )
+        cached_images = (cached_tokens // per_image).tolist()
+        row_images = (is_image.sum(dim=1) // per_image).tolist()
+        if pixel_values.shape[0] != sum(row_images):
+            return pixel_values
+        keep, first = [], 0
+        for cached, total in zip(cached_images, row_images, strict=True):
+            keep.extend(range(first + cached, first + total))
+            first += total
+        return pixel_values[keep] if keep else None
+
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
     def generate(self, *args, stopping_criteria: StoppingCriteriaList | None = None, **kwargs):
         """`GenerationMixin.generate`, stopping each row at SPHINX's turn separator.
 
@@ -527,17 +573,25 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
         Assisted decoding (`assistant_model=`) works with any draft that shares the tokenizer; transformers gives
         the draft no pixels, so a SPHINX draft reads the `<image>` placeholders as plain embeddings. The result is
         the main model's own (greedy: identical tokens); only the share of accepted draft tokens depends on it.
+
+        Generation continues from a `cache=` of an earlier call (e.g. `return_dict_in_generate=True`'s
+        `out.cache`) with `input_ids` of the whole sequence, or only the new ids and an `attention_mask` over the
+        whole sequence. The images whose placeholders the cache holds are not encoded again: `pixel_values` may
+        be left out, hold every image of `input_ids`, or only the images of the ids past the cache.
         """
         generation_config = kwargs.get("generation_config") or self.generation_config
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if (
-            not getattr(generation_config, "is_assistant", False)
-            and kwargs.get("pixel_values") is None
-            and kwargs.get("inputs_embeds") is None
-            and isinstance(input_ids, torch.Tensor)
-            and (input_ids == self.config.image_token_id).any()
-        ):
-            raise ValueError("the text has image tokens but no pixel_values were given")
+        if isinstance(input_ids, torch.Tensor) and kwargs.get("inputs_embeds") is None:
+            cached = cached_prefix_length(input_ids, kwargs.get("attention_mask"), kwargs.get("cache"))
+            # transformers gives the first forward of a continuation the pixels too, but only the ids past the cache
+            if kwargs.get("pixel_values") is not None and cached:
+                kwargs["pixel_values"] = self._images_past_cache(kwargs["pixel_values"], input_ids, cached)
+            if (
+                not getattr(generation_config, "is_assistant", False)
+                and kwargs.get("pixel_values") is None
+                and (input_ids[:, cached:] == self.config.image_token_id).any()
+            ):
+                raise ValueError("the text has image tokens but no pixel_values were given")
         sequences = kwargs.pop("separator_token_ids", getattr(generation_config, "separator_token_ids", None))
         if sequences:
             stopping_criteria = StoppingCriteriaList(stopping_criteria or [])

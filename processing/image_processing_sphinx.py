@@ -257,9 +257,14 @@ def pillow_resize(images: torch.Tensor, size: tuple[int, int], resample=PILImage
     return images
 
 
-def _resize_like_pillow(images: torch.Tensor, size: tuple[int, int], resample) -> torch.Tensor:
-    """Pillow's resize of `[N, C, H, W]` images: Pillow itself for 8-bit images in CPU memory (its C loops beat
-    any tensor formulation there), `pillow_resize` on accelerators and for float images."""
+def resize_like_pillow(
+    images: torch.Tensor, size: tuple[int, int], resample=PILImageResampling.BICUBIC
+) -> torch.Tensor:
+    """Resize `[N, C, H, W]` images to `size = (height, width)` as Pillow's `Image.resize` does.
+
+    Pillow itself for 8-bit images in CPU memory (its C loops beat any tensor formulation there), `pillow_resize`
+    on accelerators and for float images. What `SphinxImageProcessor.resize_images` uses.
+    """
     if images.device.type != "cpu" or images.dtype != torch.uint8:
         return pillow_resize(images, size, resample)
     height, width = size
@@ -337,6 +342,14 @@ class _SphinxImageDefaults:
 
 
 class SphinxImageProcessor(_SphinxImageDefaults, TorchvisionBackend):
+    def resize_images(self, images: torch.Tensor, size: tuple[int, int], resample) -> torch.Tensor:
+        """Resize a stack of padded `[N, C, H, W]` images to `size = (height, width)`: `resize_like_pillow`.
+
+        The one place the resize is chosen: a subclass may override it, e.g. with `pillow_resize` to run the torch
+        port on the CPU as well, or with a faster resize that is not bit-exact.
+        """
+        return resize_like_pillow(images, size, resample)
+
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, device=None, **kwargs):
         image, input_data_format = _prepare(image, input_data_format)
         return super().process_image(
@@ -364,7 +377,7 @@ class SphinxImageProcessor(_SphinxImageDefaults, TorchvisionBackend):
             if do_pad:
                 stacked = pad_to_square(stacked, _fill(image_mean, stacked.dtype == torch.uint8))
             if do_resize:
-                stacked = _resize_like_pillow(stacked, (size.height, size.width), resample)
+                stacked = self.resize_images(stacked, (size.height, size.width), resample)
             processed[shape] = _to_tensor_and_normalize(
                 stacked, do_rescale, rescale_factor, do_normalize, image_mean, image_std
             )

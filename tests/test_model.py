@@ -1,3 +1,4 @@
+import copy
 import json
 import subprocess
 import sys
@@ -78,6 +79,23 @@ def test_batched_generation_equals_one_by_one(tiny_model_dir, variant):
         assert alone[0, single["input_ids"].shape[1] :].tolist() == new_batched[row].tolist()
 
 
+def test_public_encoder_steps_rebuild_the_fused_features(tiny_model_dir):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir("sphinx")).eval().model
+    pixels = torch.randn(2, 3, model.config.image_size, model.config.image_size)
+    views, convnext_views = model.cut_views(pixels)
+    with torch.no_grad():
+        fused = torch.cat(
+            [
+                model.clip.forward_features(views),
+                model.convnext_tokens(views, convnext_views),
+                model.dinov2.forward_features(model.to_dinov2_statistics(views)),
+            ],
+            dim=-1,
+        )
+        expected = model.get_image_features(pixels).last_hidden_state
+    assert torch.equal(fused, expected)
+
+
 def test_pixels_are_encoded_once_per_generate(tiny_model_dir):
     folder = tiny_model_dir("sphinx")
     processor = AutoProcessor.from_pretrained(folder)
@@ -89,6 +107,92 @@ def test_pixels_are_encoded_once_per_generate(tiny_model_dir):
     inputs = _inputs(processor, [("<image>Hi", Image.open(IMAGES / "chelsea.png"))])
     model.generate(**inputs, max_new_tokens=4, separator_token_ids=[])
     assert calls == [True, False, False, False]
+
+
+def _greedy(model, **inputs):
+    return model.generate(**inputs, do_sample=False, separator_token_ids=[])
+
+
+def _pixels_encoded(model) -> list[bool]:
+    """Whether each later forward of `model.model` is given pixels."""
+    calls = []
+    model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs.get("pixel_values") is not None), with_kwargs=True
+    )
+    return calls
+
+
+@pytest.mark.parametrize("pass_pixels", [False, True], ids=["without-pixels", "with-pixels"])
+def test_generation_continues_from_its_cache(pass_pixels):
+    torch.manual_seed(0)
+    config = SphinxConfig.from_variant("sphinx", tiny=True)
+    model = SphinxForConditionalGeneration(config).eval()
+    n = config.num_image_tokens
+    ids = torch.full((1, n + 5), 5)
+    ids[:, :n] = config.image_token_id
+    pixels = torch.randn(1, 3, 224, 224)
+    uninterrupted = _greedy(model, input_ids=ids, pixel_values=pixels, max_new_tokens=4)
+    out = _greedy(model, input_ids=ids, pixel_values=pixels, max_new_tokens=3, return_dict_in_generate=True)
+    encoded = _pixels_encoded(model)
+    again = {"pixel_values": pixels} if pass_pixels else {}
+    continued = _greedy(model, input_ids=out.sequences, cache=out.cache, max_new_tokens=1, **again)
+    assert continued.tolist() == uninterrupted.tolist()
+    assert encoded == [False], "the image in the cache is not encoded again"
+
+
+def test_second_turn_continues_from_the_cache(tiny_model_dir):
+    folder = tiny_model_dir("sphinx")
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    inputs = _inputs(processor, [("<image>What is it?", Image.open(IMAGES / "chelsea.png"))])
+    out = _greedy(model, **inputs, max_new_tokens=4, return_dict_in_generate=True)
+    second_turn = processor.tokenizer(" And its colour?", add_special_tokens=False, return_tensors="pt")
+    conversation = torch.cat([out.sequences, second_turn["input_ids"]], dim=1)
+    continued = _greedy(model, input_ids=conversation, cache=out.cache, max_new_tokens=5)
+    fresh = _greedy(model, input_ids=conversation, pixel_values=inputs["pixel_values"], max_new_tokens=5)
+    assert continued.shape[1] == conversation.shape[1] + 5
+    assert continued.tolist() == fresh.tolist()
+
+
+def test_new_image_after_the_cache_takes_all_pixels_or_only_its_own(tiny_model_dir):
+    folder = tiny_model_dir("sphinx")
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    first = _inputs(processor, [("<image>What is it?", Image.open(IMAGES / "chelsea.png"))])
+    later = _inputs(processor, [("<image>And this?", Image.open(IMAGES / "rocket.jpg"))])
+    out = _greedy(model, **first, max_new_tokens=2, return_dict_in_generate=True)
+    conversation = torch.cat([out.sequences, later["input_ids"]], dim=1)
+    both = torch.cat([first["pixel_values"], later["pixel_values"]])
+    fresh = _greedy(model, input_ids=conversation, pixel_values=both, max_new_tokens=3)
+    for pixels in (both, later["pixel_values"]):
+        cache = copy.deepcopy(out.cache)
+        continued = _greedy(model, input_ids=conversation, cache=cache, pixel_values=pixels, max_new_tokens=3)
+        assert continued.tolist() == fresh.tolist()
+    with pytest.raises(ValueError, match="image tokens but no pixel_values"):
+        _greedy(model, input_ids=conversation, cache=copy.deepcopy(out.cache), max_new_tokens=1)
+    with pytest.raises(ValueError, match="image tokens but no pixel_values"):
+        _greedy(model, input_ids=first["input_ids"], max_new_tokens=1)
+
+
+def test_left_padded_batch_continues_from_its_cache(tiny_model_dir):
+    folder = tiny_model_dir("sphinx")
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    samples = [
+        ("<image>Hi", Image.open(IMAGES / "chelsea.png")),
+        ("<image>Describe this picture in a few words.", Image.open(IMAGES / "rocket.jpg")),
+    ]
+    batch = _inputs(processor, samples)
+    assert (batch["attention_mask"][:, 0] == 0).any(), "prompts of different lengths must be padded"
+    uninterrupted = _greedy(model, **batch, max_new_tokens=5)
+    out = _greedy(model, **batch, max_new_tokens=3, return_dict_in_generate=True)
+    mask = torch.cat([batch["attention_mask"], torch.ones(2, 3, dtype=torch.long)], dim=1)
+    for again in ({}, {"pixel_values": batch["pixel_values"]}):
+        cache = copy.deepcopy(out.cache)
+        continued = _greedy(
+            model, input_ids=out.sequences, attention_mask=mask, cache=cache, max_new_tokens=2, **again
+        )
+        assert continued.tolist() == uninterrupted.tolist()
 
 
 def test_generation_stops_at_separator_tokens(tiny_model_dir):

@@ -215,6 +215,22 @@ def test_pillow_resize_rejects_filters_it_does_not_have():
         pillow_resize(torch.zeros(3, 8, 8, dtype=torch.uint8), (4, 4), Image.Resampling.NEAREST)
 
 
+def test_resize_images_is_where_a_subclass_chooses_the_resize():
+    resized_to = []
+
+    class TorchPortEverywhere(SphinxImageProcessor):
+        def resize_images(self, images, size, resample):
+            resized_to.append(size)
+            return pillow_resize(images, size, resample)
+
+    size = {"height": 224, "width": 224}
+    images = [Image.open(IMAGES / "chelsea.png"), Image.open(IMAGES / "rocket.jpg")]
+    expected = SphinxImageProcessor(size=size)(images, return_tensors="pt")["pixel_values"]
+    got = TorchPortEverywhere(size=size)(images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(got, expected)
+    assert resized_to and set(resized_to) == {(224, 224)}
+
+
 def test_truncated_files_are_refused_even_when_another_library_allows_them(tmp_path, monkeypatch):
     from PIL import ImageFile
 

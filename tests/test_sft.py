@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from modeling_sphinx.build import init_model
 from modeling_sphinx.cli import main
+from modeling_sphinx.data import DataError
 from modeling_sphinx.hub import check_folder
 from modeling_sphinx.processing.tasks_sphinx import (
     TASK_INSTRUCTIONS,
@@ -24,7 +26,6 @@ from modeling_sphinx.processing.tasks_sphinx import (
     format_point,
     parse_grounding,
 )
-from modeling_sphinx.data import DataError
 from modeling_sphinx.sft_data import build_samples, load_mixture, read_mixture
 from modeling_sphinx.training import SphinxDataCollator
 
@@ -411,6 +412,25 @@ def test_unknown_config_and_too_short_max_length(world, tiny_sphinx, tmp_path, c
     assert main(args) == 2
     assert "max_length 100 cannot hold one image" in capsys.readouterr().err
     assert not (tmp_path / "x" / "model").exists()
+
+
+def test_the_smoke_preset_before_init_explains_the_missing_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/tiny here: the preset's model_name_or_path
+    assert main(["train", str(REPO / "recipes" / "sft" / "smoke.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "'runs/tiny' is neither a model folder nor a Hub model that loads" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_the_script_docstring_launches_files_that_exist():
+    import trl
+
+    docstring = (REPO / "recipes" / "sft" / "sft_sphinx.py").read_text().split('"""')[1]
+    named = re.findall(r"(recipes/[\w/.-]+\.(?:yaml|py))", docstring)
+    assert len(named) >= 6 and all((REPO / path).is_file() for path in named), named
+    shipped = re.findall(r"\$TRL_CONFIGS/([\w.-]+\.yaml)", docstring)
+    configs = Path(trl.__file__).parent / "accelerate_configs"
+    assert shipped and all((configs / name).is_file() for name in shipped), shipped
 
 
 def test_qlora_trains_with_the_towers_in_16_bit(world, tiny_sphinx, tmp_path):
