@@ -66,7 +66,9 @@ def test_stream_grows_to_the_answer_that_ask_gives(loaded):
         expected = asked.ask(question, max_new_tokens=8)
         pieces = list(streamed.stream(question, max_new_tokens=8))
         assert pieces[-1] == expected and len(pieces) >= 2
-        assert all(later.startswith(earlier.rstrip()) for earlier, later in zip(pieces[:-2], pieces[1:-1], strict=True))
+        assert all(
+            later.startswith(earlier.rstrip()) for earlier, later in zip(pieces[:-2], pieces[1:-1], strict=True)
+        )
     assert streamed.messages == asked.messages
 
 
