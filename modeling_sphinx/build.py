@@ -1,9 +1,11 @@
 """Assemble and save complete SPHINX model folders (weights, processor, generation config, remote code)."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import GenerationConfig
+from transformers.dynamic_module_utils import custom_object_save
 
 from .configuration_sphinx import SphinxConfig
 from .folders import atomic_output_dir
@@ -38,18 +40,45 @@ def build_generation_config(config: SphinxConfig, processor: SphinxProcessor) ->
     )
 
 
-def save_model_folder(
-    model: SphinxForConditionalGeneration, processor: SphinxProcessor, out_dir, provenance: dict, **save_kwargs
-):
-    """Write model, processor, remote code and model card into `out_dir` atomically (`AutoModel` exposed too)."""
+def write_model_folder(
+    out_dir,
+    model: SphinxForConditionalGeneration,
+    processor: SphinxProcessor,
+    provenance: dict,
+    write_weights: Callable[[Path], None],
+    check: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write a complete model folder into `out_dir` atomically, whatever makes the weights.
+
+    `write_weights(folder)` writes the safetensors; `model` gives everything else: the config (with `auto_map`,
+    `AutoModel` exposed too, and `architectures`), the remote code and the generation config. A meta-device
+    model will do when `write_weights` streams the tensors. `check(folder)` runs on the complete folder before
+    it becomes `out_dir`; if it raises, nothing is left behind.
+    """
     from .card import write_model_card
 
     model.config.auto_map = {"AutoModel": "modeling_sphinx.SphinxModel"}
+    model.config.architectures = [type(model).__name__]
     with atomic_output_dir(out_dir) as staging:
-        model.save_pretrained(staging, **save_kwargs)
+        write_weights(staging)
+        custom_object_save(model, staging, config=model.config)
+        model.config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
         processor.save_pretrained(staging)
         write_model_card(staging, provenance)
+        if check is not None:
+            check(staging)
     return Path(out_dir)
+
+
+def save_model_folder(
+    model: SphinxForConditionalGeneration, processor: SphinxProcessor, out_dir, provenance: dict, **save_kwargs
+) -> Path:
+    """Write `model` (with `save_pretrained(**save_kwargs)`), its processor, remote code and card to `out_dir`."""
+    # save_pretrained writes the config and remote code too; write_model_folder writes them again as for any folder
+    return write_model_folder(
+        out_dir, model, processor, provenance, lambda folder: model.save_pretrained(folder, **save_kwargs)
+    )
 
 
 def init_model(variant: str, out_dir, tiny: bool = False, tokenizer_model=None, seed: int = 0, **overrides):

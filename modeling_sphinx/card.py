@@ -1,28 +1,44 @@
 """Model cards rendered from the repository's `model_card.md` template with huggingface_hub's `ModelCard`.
 
-Facts come from the model folder's `config.json` and from how the model was made (`provenance`); facts we do
-not know are left out, never invented.
+Facts come from the model folder's `config.json`, read as the `SphinxConfig` the model runs with, and from how
+the model was made (`provenance`); facts we do not know are left out, never invented. A card names a release
+only when the model is that release's size, and never records a path on this machine.
 """
 
-import json
+import os
 import re
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .configuration_sphinx import FUSED_ENCODERS, SPHINX_VARIANTS, SphinxConfig
+from .folders import published_name
+
 TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-LLM_NAMES = {
-    ("llama", 5120, 40): "LLaMA-2-13B",
-    ("llama", 2048, 22): "TinyLlama-1.1B",
-    ("mixtral", 4096, 32): "Mixtral-8x7B",
+# timm's feature width of each released encoder architecture at its default size (what `num_features` reports)
+RELEASED_FEATURE_WIDTHS = {
+    "vit_large_patch14_clip_224": 1024,
+    "convnext_xxlarge": 3072,
+    "vit_giant_patch14_dinov2": 1536,
 }
+LLM_NAMES = {"llama-2-13b": "LLaMA-2-13B", "tinyllama-1.1b": "TinyLlama-1.1B", "mixtral-8x7b": "Mixtral-8x7B"}
 ENCODER_NAMES = {
     "clip": "CLIP ViT-L/14",
     "convnext": "OpenCLIP ConvNeXt-XXL",
     "dinov2": "DINOv2 ViT-g/14",
     "qformer": "BLIP-2 ViT-g/14 + Q-Former",
 }
+# the fields that fix the size of a transformers config (the LLM, the BLIP-2 tower, the Q-Former)
+SIZE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_local_experts",
+)
 
 
 def hub_reference(name: str | None) -> str | None:
@@ -33,41 +49,105 @@ def hub_reference(name: str | None) -> str | None:
     return None
 
 
-def _encoder_name(name: str, sub_config: dict) -> str:
-    if name == "qformer":
-        released = sub_config.get("vision_config", {}).get("hidden_size") == 1408 and (
-            sub_config.get("qformer_config", {}).get("hidden_size") == 768
-        )
+def _is_local_path(value) -> bool:
+    """An absolute path, or a relative one with a folder in it that exists here (a bare name is just a name)."""
+    if not isinstance(value, (str, os.PathLike)) or "\n" in str(value):
+        return False
+    value = str(value)
+    return os.path.isabs(value) or (os.sep in value and os.path.exists(value))
+
+
+def _sizes(config) -> tuple:
+    return tuple(getattr(config, field, None) for field in SIZE_FIELDS)
+
+
+def _size_defining_fields(config: SphinxConfig) -> dict:
+    """Per part of the model (the LLM, each encoder, the image geometry), the fields that fix its size."""
+    parts = {
+        "llm": _sizes(config.text_config),
+        "geometry": (
+            config.image_size,
+            config.view_size,
+            config.crop_grid,
+            config.convnext_view_size,
+            config.patch_size,
+        ),
+    }
+    for name in FUSED_ENCODERS:
+        encoder = getattr(config, f"{name}_config")
+        parts[name] = (encoder.architecture, encoder.model_args or {}) if encoder is not None else None
+    qformer = config.qformer_config
+    parts["qformer"] = (
+        (_sizes(qformer.vision_config), _sizes(qformer.qformer_config), qformer.num_query_tokens)
+        if qformer is not None
+        else None
+    )
+    return parts
+
+
+def _parts_at_release_size(config: SphinxConfig) -> tuple[set[str], bool]:
+    """The parts of the model that have the size of its variant's release, and whether all of them do."""
+    if config.variant not in SPHINX_VARIANTS:
+        return set(), False
+    ours = _size_defining_fields(config)
+    release = _size_defining_fields(SphinxConfig.from_variant(config.variant))
+    same = {part for part, fields in ours.items() if fields == release[part]}
+    return same, same == set(ours)
+
+
+def _feature_width(encoder_config) -> int:
+    """The width of the encoder's token features, as timm's `num_features` gives it: the ViTs' `embed_dim`,
+    ConvNeXt's last stage width. Read from the config so that writing a card never imports timm."""
+    overrides = encoder_config.model_args or {}
+    if "embed_dim" in overrides:
+        return int(overrides["embed_dim"])
+    if "dims" in overrides:
+        return int(overrides["dims"][-1])
+    if encoder_config.architecture in RELEASED_FEATURE_WIDTHS:
+        return RELEASED_FEATURE_WIDTHS[encoder_config.architecture]
+    import torch
+
+    from .modeling_sphinx import create_timm_encoder
+
+    with torch.device("meta"):  # another timm architecture: build it without memory to ask
+        return create_timm_encoder(encoder_config).num_features
+
+
+def _describe(config: SphinxConfig) -> dict:
+    at_release_size, released = _parts_at_release_size(config)
+
+    def encoder_name(name: str) -> str:
+        return ENCODER_NAMES[name] + ("" if name in at_release_size else " architecture at reduced size")
+
+    text = config.text_config
+    if "llm" in at_release_size:
+        llm = LLM_NAMES[SPHINX_VARIANTS[config.variant]["text"]]
     else:
-        released = not {k: v for k, v in (sub_config.get("model_args") or {}).items() if k != "img_size"}
-    return ENCODER_NAMES[name] if released else f"{ENCODER_NAMES[name]} architecture at reduced size"
-
-
-def _describe(config: dict) -> dict:
-    text = config["text_config"]
-    layers, hidden = text["num_hidden_layers"], text["hidden_size"]
-    known = LLM_NAMES.get((text["model_type"], hidden, layers))
-    llm = known or f"{text['model_type']} decoder, {layers} layers of width {hidden} (not a released size)"
-    encoders = [
-        _encoder_name(name, config[f"{name}_config"]) for name in ENCODER_NAMES if config.get(f"{name}_config")
-    ]
-    grid = config.get("crop_grid", 1)
-    num_views = 1 if grid == 1 else 1 + grid * grid
-    has_qformer = bool(config.get("qformer_config"))
-    num_query_tokens = config["qformer_config"].get("num_query_tokens", 32) if has_qformer else 0
-    view_size = config.get("view_size", 224)
-    tokens_per_view = 2 + num_query_tokens + ((view_size // 14) ** 2 + 1)
+        llm = f"{text.model_type} decoder (not a released size)"
+    encoders = {name: getattr(config, f"{name}_config") for name in FUSED_ENCODERS}
+    fused_widths = {name: _feature_width(encoder) for name, encoder in encoders.items() if encoder is not None}
+    qformer = config.qformer_config
     return {
-        "variant": config.get("variant"),
+        "variant": config.variant,
+        "released": released,
         "llm": llm,
-        "encoders": ", ".join(encoders),
-        "has_qformer": has_qformer,
-        "num_query_tokens": num_query_tokens,
-        "image_size": config.get("image_size"),
-        "view_size": view_size,
-        "num_views": num_views,
-        "num_crops": num_views - 1,
-        "num_image_tokens": num_views * tokens_per_view,
+        "llm_layers": text.num_hidden_layers,
+        "llm_width": text.hidden_size,
+        "fused_encoders": ", ".join(
+            f"{encoder_name(name)} (feature width {width})" for name, width in fused_widths.items()
+        ),
+        "fused_width": sum(fused_widths.values()),
+        "qformer": encoder_name("qformer") if qformer is not None else None,
+        "qformer_width": qformer.qformer_config.hidden_size if qformer is not None else None,
+        "num_query_tokens": config.num_query_tokens,
+        "image_size": config.image_size,
+        "view_size": config.view_size,
+        "convnext_view_size": config.convnext_view_size if "convnext" in fused_widths else None,
+        "patch_size": config.patch_size,
+        "num_views": config.num_views,
+        "num_crops": config.num_views - 1,
+        "tokens_per_view": config.tokens_per_view,
+        "num_image_tokens": config.num_image_tokens,
     }
 
 
@@ -80,12 +160,16 @@ def render_model_card(
     datasets: list[str] | None = None,
     eval_results: list[dict] | None = None,
 ) -> ModelCard:
-    """The card of the model in `folder`; `base_models` keeps only Hub repo ids (local paths are omitted)."""
-    config = json.loads((Path(folder) / "config.json").read_text())
-    facts = _describe(config)
+    """The card of the model in `folder`. Provenance values that are local paths are left out, and so are
+    `base_models` that are not Hub repo ids."""
+    facts = _describe(SphinxConfig.from_pretrained(folder))
+    provenance = {key: value for key, value in provenance.items() if value is not None and not _is_local_path(value)}
     hub_bases = [b for b in base_models or [] if hub_reference(b)]
     results = [EvalResult(task_type="image-text-to-text", **row) for row in eval_results or []]
-    model_name = repo_id.split("/")[-1] if repo_id else (facts["variant"] or Path(folder).name)
+    if repo_id:
+        model_name = repo_id.split("/")[-1]
+    else:
+        model_name = facts["variant"] if facts["released"] else published_name(Path(folder))
     tags = ["sphinx", "multimodal", "custom_code"] + (["merge"] if provenance.get("kind") == "mixed" else [])
     data = ModelCardData(
         library_name="transformers",

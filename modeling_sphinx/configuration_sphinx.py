@@ -1,9 +1,10 @@
 """SPHINX configuration.
 
 Released SPHINX models differ only in data: the LLM, which vision encoders they use and how an image is cut
-into views. `SPHINX_VARIANTS` holds that data for every release, and `SphinxConfig.from_variant` turns a row
-into a config. The tiny presets keep the token geometry (224-px views, 14-px patches, 32 query tokens) and
-shrink every width, so tests and demos exercise the real code paths in seconds.
+into views. `SPHINX_VARIANTS` holds that data for every release, each row built from how the release differs
+from the first SPHINX, and `SphinxConfig.from_variant` turns a row into a config. The tiny presets keep the
+token geometry (224-px views, 14-px patches, 32 query tokens) and shrink every width, so tests and demos
+exercise the real code paths in seconds.
 
 This file is copied flat into saved model folders as remote code: it imports nothing of this package.
 """
@@ -145,72 +146,51 @@ FUSED_ENCODERS = ("clip", "convnext", "dinov2")  # concatenated channel-wise, in
 ALL_ENCODERS = ("qformer", *FUSED_ENCODERS)
 LIGHT_ENCODERS = ("convnext", "dinov2")
 
-# One row per release. `llama_type` is the model file of the original code that the release was made with.
+# What a release row does not state: the first SPHINX's LLaMA-2-13B reading one 224-px view with all four encoders.
+VARIANT_DEFAULTS: dict[str, Any] = {
+    "text": "llama-2-13b",
+    "encoders": ALL_ENCODERS,
+    "image_size": 224,
+    "crop_grid": 1,
+    "convnext_view_size": None,
+}
+
+
+def _variant(llama_type: str, **differences) -> dict[str, Any]:
+    """A release row: `llama_type`, the model file of the original code it was made with, and how it differs
+    from `VARIANT_DEFAULTS`."""
+    return {"llama_type": llama_type, **VARIANT_DEFAULTS, **differences}
+
+
+_SPHINX_1K = _variant(llama_type="llama_ens5", image_size=448, crop_grid=2)
+
 SPHINX_VARIANTS: dict[str, dict[str, Any]] = {
-    "sphinx": {
-        "llama_type": "llama_ens",
-        "text": "llama-2-13b",
-        "encoders": ALL_ENCODERS,
-        "image_size": 224,
-        "crop_grid": 1,
-        "convnext_view_size": None,
-    },
-    "sphinx-1k": {
-        "llama_type": "llama_ens5",
-        "text": "llama-2-13b",
-        "encoders": ALL_ENCODERS,
-        "image_size": 448,
-        "crop_grid": 2,
-        "convnext_view_size": None,
-    },
-    "sphinx-v2-1k": {
-        "llama_type": "llama_ens5",
-        "text": "llama-2-13b",
-        "encoders": ALL_ENCODERS,
-        "image_size": 448,
-        "crop_grid": 2,
-        "convnext_view_size": None,
-    },
-    "sphinx-2k": {
-        "llama_type": "llama_ens10",
-        "text": "llama-2-13b",
-        "encoders": ALL_ENCODERS,
-        "image_size": 672,
-        "crop_grid": 3,
-        "convnext_view_size": None,
-    },
-    "sphinx-tiny": {
-        "llama_type": "llama_ens_light",
-        "text": "tinyllama-1.1b",
-        "encoders": LIGHT_ENCODERS,
-        "image_size": 512,
-        "crop_grid": 1,
-        "convnext_view_size": 512,
-    },
-    "sphinx-tiny-1k": {
-        "llama_type": "llama_ens5_light",
-        "text": "tinyllama-1.1b",
-        "encoders": LIGHT_ENCODERS,
-        "image_size": 1024,
-        "crop_grid": 2,
-        "convnext_view_size": 512,
-    },
-    "sphinx-moe": {
-        "llama_type": "mixtral_sparse_ens",
-        "text": "mixtral-8x7b",
-        "encoders": ALL_ENCODERS,
-        "image_size": 512,
-        "crop_grid": 1,
-        "convnext_view_size": 512,
-    },
-    "sphinx-moe-1k": {
-        "llama_type": "mixtral_sparse_ens5",
-        "text": "mixtral-8x7b",
-        "encoders": ALL_ENCODERS,
-        "image_size": 1024,
-        "crop_grid": 2,
-        "convnext_view_size": 512,
-    },
+    "sphinx": _variant(llama_type="llama_ens"),
+    "sphinx-1k": _SPHINX_1K,
+    # SPHINX-V2-1k is sphinx-1k's architecture trained on more data: the two differ in their weights only
+    "sphinx-v2-1k": dict(_SPHINX_1K),
+    "sphinx-2k": _variant(llama_type="llama_ens10", image_size=672, crop_grid=3),
+    "sphinx-tiny": _variant(
+        llama_type="llama_ens_light",
+        text="tinyllama-1.1b",
+        encoders=LIGHT_ENCODERS,
+        image_size=512,
+        convnext_view_size=512,
+    ),
+    "sphinx-tiny-1k": _variant(
+        llama_type="llama_ens5_light",
+        text="tinyllama-1.1b",
+        encoders=LIGHT_ENCODERS,
+        image_size=1024,
+        crop_grid=2,
+        convnext_view_size=512,
+    ),
+    "sphinx-moe": _variant(
+        llama_type="mixtral_sparse_ens", text="mixtral-8x7b", image_size=512, convnext_view_size=512
+    ),
+    "sphinx-moe-1k": _variant(
+        llama_type="mixtral_sparse_ens5", text="mixtral-8x7b", image_size=1024, crop_grid=2, convnext_view_size=512
+    ),
 }
 
 

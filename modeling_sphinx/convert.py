@@ -13,8 +13,9 @@ Conversion, one output tensor at a time from memory-mapped shards:
    fused into transformers' `gate_up_proj`/`down_proj`, one row added for `<image>`;
 3. drop what the original never uses (`DROPPED_KEYS`: CLIP's text side and `visual.proj`, DINOv2's
    `mask_token`);
-4. write sharded safetensors, config, generation config, processor and remote code into a temporary folder
-   that is renamed to the output only when everything succeeded.
+4. stream them into sharded safetensors, and write the folder around them with `build.write_model_folder`,
+   as `init` does (config, generation config, processor, remote code, card, renamed into place only when
+   everything succeeded).
 
 Encoders of other sizes than the releases (the parity fixtures shrink them) are described by
 `encoder_sizes`, a dict in the original's own terms (the `size_changes_vs_real_model` format).
@@ -29,12 +30,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers.dynamic_module_utils import custom_object_save
 
-from .build import build_generation_config, build_processor
-from .card import write_model_card
+from .build import build_generation_config, build_processor, write_model_folder
 from .configuration_sphinx import ENCODER_PRESETS, SPHINX_VARIANTS, SphinxConfig
-from .folders import atomic_output_dir
+from .dtypes import dtype_named
 from .modeling_sphinx import SphinxForConditionalGeneration
 from .shards import StreamingShardWriter, parse_size
 from .tokenizer import tokenizer_from_sentencepiece
@@ -44,7 +43,6 @@ SPLIT_DIM = {COLUMN: 0, ROW: 1, EMBEDDING: 1}
 ORIGINAL_PREFIX = "llma."
 SHARD_NAME = re.compile(r"consolidated\.(\d+)-of-(\d+)\.model\.pth")
 DINOV2_INTERPOLATE_OFFSET = 0.1  # the DINOv2 hub code's `interpolate_offset`
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -442,15 +440,14 @@ def convert_checkpoint(
     encoder_sizes: dict | str | Path | None = None,
 ) -> Path:
     """Convert an original SPHINX release folder `src` into a Hugging Face model folder `out`."""
-    if dtype not in DTYPES:
-        raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    torch_dtype = dtype_named(dtype)
     if isinstance(encoder_sizes, (str, Path)):
         encoder_sizes = _read_json(Path(encoder_sizes))
     original = read_original(src)
     tokenizer = tokenizer_from_sentencepiece(Path(src) / "tokenizer.model")
     base_vocab = len(tokenizer) - 1
     config = sphinx_config_from_original(original, base_vocab, encoder_sizes)
-    config.dtype = DTYPES[dtype]
+    config.dtype = torch_dtype
     plan = _plan(original)
     try:
         with torch.device("meta"):
@@ -471,9 +468,11 @@ def convert_checkpoint(
         )
 
     processor = build_processor(config, tokenizer)
-    layout = {ours: (shape, DTYPES[dtype]) for ours, shape in expected.items()}
-    with atomic_output_dir(out) as staging:
-        writer = StreamingShardWriter(staging, layout, parse_size(max_shard_size))
+    skeleton.generation_config = build_generation_config(config, processor)
+    layout = {ours: (shape, torch_dtype) for ours, shape in expected.items()}
+
+    def write_weights(folder: Path):
+        writer = StreamingShardWriter(folder, layout, parse_size(max_shard_size))
         for ours, shape in expected.items():
             tensor = _produce(original, plan, ours, config)
             if tuple(tensor.shape) != shape:
@@ -482,33 +481,31 @@ def convert_checkpoint(
                     f"{original.folder}: {ORIGINAL_PREFIX}{sources[0]} gives {ours} of shape {list(tensor.shape)} "
                     f"but the config expects {list(shape)} (check config.json or --encoder-sizes)"
                 )
-            writer.write(ours, tensor.to(DTYPES[dtype]))
+            writer.write(ours, tensor.to(torch_dtype))
         writer.finish()
-        skeleton.config.auto_map = {"AutoModel": "modeling_sphinx.SphinxModel"}
-        skeleton.config.architectures = [type(skeleton).__name__]
-        custom_object_save(skeleton, staging, config=skeleton.config)
-        skeleton.config.save_pretrained(staging)
-        build_generation_config(config, processor).save_pretrained(staging)
-        processor.save_pretrained(staging)
-        write_model_card(
-            staging,
-            {"kind": "converted", "source": Path(src).name, "llama_type": original.llama_type, "dtype": dtype},
-        )
-        if verify:
-            verify_conversion(original, plan, staging, dtype)
-    return Path(out)
+
+    provenance = {"kind": "converted", "source": Path(src).name, "llama_type": original.llama_type, "dtype": dtype}
+    return write_model_folder(
+        out,
+        skeleton,
+        processor,
+        provenance,
+        write_weights,
+        check=(lambda folder: verify_conversion(original, plan, folder, dtype)) if verify else None,
+    )
 
 
 def verify_conversion(original: OriginalCheckpoint, plan, folder: Path, dtype: str):
     """Reload the written folder, compare every tensor with the source, and run one forward."""
-    model = SphinxForConditionalGeneration.from_pretrained(folder, dtype=DTYPES[dtype]).eval()
+    torch_dtype = dtype_named(dtype)
+    model = SphinxForConditionalGeneration.from_pretrained(folder, dtype=torch_dtype).eval()
     for ours, tensor in model.state_dict().items():
-        expected = _produce(original, plan, ours, model.config).to(DTYPES[dtype])
+        expected = _produce(original, plan, ours, model.config).to(torch_dtype)
         if not torch.equal(tensor, expected):
             raise ConversionError(f"verify: {ours} in {folder} differs from the source")
     config = model.config
     ids = torch.tensor([[1] + [config.image_token_id] * config.num_image_tokens + [2]])
-    pixels = torch.zeros(1, 3, config.image_size, config.image_size, dtype=DTYPES[dtype])
+    pixels = torch.zeros(1, 3, config.image_size, config.image_size, dtype=torch_dtype)
     with torch.no_grad():
         logits = model(input_ids=ids, pixel_values=pixels, logits_to_keep=1).logits
     if not torch.isfinite(logits).all():

@@ -13,8 +13,6 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .card import read_card_facts, render_model_card
-
 PROCESSOR_FILES = ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 SKIPPED = ("README.md",)
 
@@ -68,6 +66,8 @@ def check_folder(folder: str | Path) -> list[Path]:
 
 def card_for_push(folder: Path, repo_id: str, license: str | None = None) -> ModelCard:
     """Re-render the folder's card (or a new one) for `repo_id`, keeping what the existing card records."""
+    from .card import read_card_facts, render_model_card  # reads the config with transformers (and so torch)
+
     provenance, kwargs = read_card_facts(folder)
     if license is not None:
         kwargs["license"] = license

@@ -1,25 +1,56 @@
+from typing import NamedTuple
+
 import pytest
 from transformers import AutoConfig
 
 from modeling_sphinx import SPHINX_VARIANTS, SphinxConfig
+from modeling_sphinx.configuration_sphinx import VARIANT_DEFAULTS
 
-EXPECTED_IMAGE_TOKENS = {
-    "sphinx": 291,
-    "sphinx-1k": 1455,
-    "sphinx-v2-1k": 1455,
-    "sphinx-2k": 2910,
-    "sphinx-tiny": 259,
-    "sphinx-tiny-1k": 1295,
-    "sphinx-moe": 291,
-    "sphinx-moe-1k": 1455,
+ALL, LIGHT = ("qformer", "clip", "convnext", "dinov2"), ("convnext", "dinov2")
+
+
+class Release(NamedTuple):
+    """A release's row in full, then the geometry that follows from it."""
+
+    llama_type: str
+    text: str
+    encoders: tuple[str, ...]
+    image_size: int
+    crop_grid: int
+    convnext_view_size: int | None
+    num_views: int
+    num_image_tokens: int
+
+
+GEOMETRY = ("num_views", "num_image_tokens")
+RELEASES = {
+    "sphinx": Release("llama_ens", "llama-2-13b", ALL, 224, 1, None, 1, 291),
+    "sphinx-1k": Release("llama_ens5", "llama-2-13b", ALL, 448, 2, None, 5, 1455),
+    "sphinx-v2-1k": Release("llama_ens5", "llama-2-13b", ALL, 448, 2, None, 5, 1455),
+    "sphinx-2k": Release("llama_ens10", "llama-2-13b", ALL, 672, 3, None, 10, 2910),
+    "sphinx-tiny": Release("llama_ens_light", "tinyllama-1.1b", LIGHT, 512, 1, 512, 1, 259),
+    "sphinx-tiny-1k": Release("llama_ens5_light", "tinyllama-1.1b", LIGHT, 1024, 2, 512, 5, 1295),
+    "sphinx-moe": Release("mixtral_sparse_ens", "mixtral-8x7b", ALL, 512, 1, 512, 1, 291),
+    "sphinx-moe-1k": Release("mixtral_sparse_ens5", "mixtral-8x7b", ALL, 1024, 2, 512, 5, 1455),
 }
+
+
+def test_variant_rows_resolve_to_every_field():
+    assert list(SPHINX_VARIANTS) == list(RELEASES)
+    for variant, release in RELEASES.items():
+        row = SPHINX_VARIANTS[variant]
+        stated = {key: value for key, value in release._asdict().items() if key not in GEOMETRY}
+        assert set(row) == {"llama_type", *VARIANT_DEFAULTS} == set(stated), variant
+        assert row == stated, variant
 
 
 @pytest.mark.parametrize("tiny", [False, True])
 @pytest.mark.parametrize("variant", sorted(SPHINX_VARIANTS))
-def test_image_token_counts(variant, tiny):
+def test_image_geometry(variant, tiny):
     config = SphinxConfig.from_variant(variant, tiny=tiny)
-    assert config.num_image_tokens == EXPECTED_IMAGE_TOKENS[variant]
+    release = RELEASES[variant]
+    assert (config.image_size, config.crop_grid) == (release.image_size, release.crop_grid)
+    assert (config.num_views, config.num_image_tokens) == (release.num_views, release.num_image_tokens)
 
 
 def test_released_sizes():

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -72,6 +73,27 @@ def test_converted_model_reproduces_original(converted, fixture, image):
     vocab = reference["logits_forward"].shape[-1]
     step_logits = torch.stack([step[0, :vocab] for step in generated.logits])
     assert (step_logits - reference["generate_step_logits"]).abs().max() <= 1e-4
+
+
+WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+
+
+def _non_weight_files(folder) -> set[str]:
+    return {path.name for path in folder.iterdir() if not WEIGHT_FILE.fullmatch(path.name)}
+
+
+def test_converted_and_initialised_folders_have_the_same_files(converted, tiny_model_dir):
+    converted_folder, _ = converted["llama_ens5"]
+    initialised_folder = tiny_model_dir("sphinx-1k")
+    files = _non_weight_files(converted_folder)
+    assert files == _non_weight_files(initialised_folder)
+    assert {"config.json", "generation_config.json", "processor_config.json", "README.md"} <= files
+    assert {"configuration_sphinx.py", "modeling_sphinx.py", "processing_sphinx.py"} <= files
+    configs = [json.loads((folder / "config.json").read_text()) for folder in (converted_folder, initialised_folder)]
+    assert configs[0]["auto_map"] == configs[1]["auto_map"] and len(configs[0]["auto_map"]) == 3
+    assert configs[0]["architectures"] == configs[1]["architectures"] == ["SphinxForConditionalGeneration"]
+    card = (converted_folder / "README.md").read_text()  # the parity fixtures are miniatures of their release
+    assert "\n# hf\n" in card and "reduced-size model with the architecture of `sphinx-1k`" in card
 
 
 def _with_image_tokens(ids, config):

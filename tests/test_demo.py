@@ -60,3 +60,23 @@ def test_quick_demo_learns_is_deterministic_and_reuses_stages(quick_demo, tmp_pa
     other = tmp_path / "again"
     assert main(["demo", "--quick", "--out", str(other)]) == 0  # a second run from scratch, same seed
     assert json.loads((other / "results.json").read_text()) == table
+
+
+def test_demo_cards_state_the_miniature_and_record_no_path(quick_demo):
+    from modeling_sphinx import SphinxConfig
+
+    out, _ = quick_demo
+    config = SphinxConfig.from_pretrained(out / "best")
+    text = (out / "best" / "README.md").read_text()
+    assert config.num_image_tokens == 95 and config.num_views == 5  # 2 x 2 crops of 112 px in 28-px patches
+    assert f"{config.num_image_tokens} visual tokens per image, {config.tokens_per_view} per view" in text
+    assert f"{config.num_views} views" in text and f"{config.patch_size}-px patches" in text
+    hidden, layers = config.text_config.hidden_size, config.text_config.num_hidden_layers
+    assert f"{layers} layers of width {hidden}" in text
+    assert f"(feature width {config.clip_config.model_args['embed_dim']})" in text
+    assert "not the release itself" in text and not text.split("\n# ")[1].startswith(config.variant)
+    cards = sorted(out.rglob("README.md"))
+    assert len(cards) >= 7  # init, the three stage-1 models, the mix, stage 2, best
+    for card in cards:
+        written = card.read_text()
+        assert str(out) not in written and "/tmp" not in written and "/work" not in written, card

@@ -12,6 +12,9 @@ from huggingface_hub.utils._http import hf_request_event_hook
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from modeling_sphinx import SphinxConfig, SphinxForConditionalGeneration
+from modeling_sphinx.build import init_model
+from modeling_sphinx.card import ENCODER_NAMES, render_model_card
 from modeling_sphinx.cli import main
 from modeling_sphinx.hub import push_folder
 
@@ -170,3 +173,69 @@ def test_malformed_repo_ids(tiny_model_dir, fake_hub, repo_id):
     with pytest.raises(ValueError, match="malformed repo id"):
         push_folder(tiny_model_dir("sphinx-tiny"), repo_id)
     assert fake_hub.requests == []
+
+
+def test_card_of_a_reduced_size_model_states_its_own_numbers(tmp_path):
+    """The demo's miniature: 28-px patches, no Q-Former, every width reduced."""
+    encoder = {"embed_dim": 32, "depth": 1, "num_heads": 2, "img_size": 112, "patch_size": 28}
+    folder = init_model(
+        "sphinx-1k",
+        tmp_path / "miniature",
+        tiny=True,
+        image_size=224,
+        view_size=112,
+        patch_size=28,
+        convnext_view_size=128,
+        qformer_config=None,
+        clip_config={"architecture": "vit_large_patch14_clip_224", "model_args": encoder},
+        dinov2_config={"architecture": "vit_giant_patch14_dinov2", "model_args": {**encoder, "embed_dim": 24}},
+    )
+    card = ModelCard.load(folder / "README.md").content
+    model = SphinxForConditionalGeneration.from_pretrained(folder).model
+    config = model.config
+    assert (config.num_views, config.tokens_per_view, config.num_image_tokens) == (5, 19, 95)
+    assert "\n# miniature\n" in card and "Variant:" not in card
+    assert "A reduced-size model with the architecture of `sphinx-1k`, not the release itself." in card
+    assert "5 views (a global view plus 4 sub-images) of 112 px (128 px for ConvNeXt) in 28-px patches" in card
+    assert "95 visual tokens per image, 19 per view" in card
+    text = config.text_config
+    assert f"llama decoder (not a released size), {text.num_hidden_layers} layers of width {text.hidden_size}" in card
+    for name in ("clip", "convnext", "dinov2"):
+        width = getattr(model, name).num_features
+        assert f"{ENCODER_NAMES[name]} architecture at reduced size (feature width {width})" in card
+    assert "Q-Former" not in card
+
+
+def test_card_of_a_released_size_config_names_the_release(tmp_path):
+    SphinxConfig.from_variant("sphinx-1k").save_pretrained(tmp_path / "full")
+    card = render_model_card(tmp_path / "full", {"kind": "initialised"}).content
+    assert "\n# sphinx-1k\n" in card and "Variant: `sphinx-1k`." in card and "reduced" not in card
+    assert "LLaMA-2-13B, 40 layers of width 5120" in card
+    assert "CLIP ViT-L/14 (feature width 1024), OpenCLIP ConvNeXt-XXL (feature width 3072)" in card
+    assert "DINOv2 ViT-g/14 (feature width 1536), concatenated channel-wise (width 5632)" in card
+    assert "BLIP-2 ViT-g/14 + Q-Former, whose 32 query tokens of width 768" in card
+    assert "5 views (a global view plus 4 sub-images) of 224 px in 14-px patches" in card
+    assert "1455 visual tokens per image, 291 per view" in card
+
+
+def test_card_records_no_local_path(tiny_model_dir, tmp_path, monkeypatch):
+    folder = tiny_model_dir("sphinx-tiny")
+    (tmp_path / "runs" / "base").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    for local in (str(folder), "runs/base"):
+        provenance = {"kind": "fine-tuned", "base_model": local, "tuning": "lora"}
+        card = str(render_model_card(folder, provenance, base_models=[local]))
+        assert local not in card and str(tmp_path) not in card
+        assert ModelCard(card).data.to_dict()["sphinx_mllm"] == {"kind": "fine-tuned", "tuning": "lora"}
+    hub = {"kind": "fine-tuned", "base_model": "Alpha-VLLM/SPHINX", "tuning": "full"}
+    card = render_model_card(folder, hub, base_models=["Alpha-VLLM/SPHINX"])
+    assert card.data.to_dict()["sphinx_mllm"] == hub and card.data.base_model == ["Alpha-VLLM/SPHINX"]
+
+
+@pytest.mark.parametrize("name", ["model", "mix-0.5", ".hidden", "a.partial"])
+def test_a_folder_being_written_knows_its_published_name(tmp_path, name):
+    from modeling_sphinx.folders import atomic_output_dir, published_name
+
+    with atomic_output_dir(tmp_path / name) as staging:
+        assert staging.name != name and published_name(staging) == name
+    assert published_name(tmp_path / name) == name
