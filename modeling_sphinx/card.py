@@ -13,6 +13,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .configuration_sphinx import FUSED_ENCODERS, SPHINX_VARIANTS, SphinxConfig
 from .folders import published_name
+from .shapes import DECODER_SHAPE_FIELDS
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -29,16 +30,6 @@ ENCODER_NAMES = {
     "dinov2": "DINOv2 ViT-g/14",
     "qformer": "BLIP-2 ViT-g/14 + Q-Former",
 }
-# the fields that fix the size of a transformers config (the LLM, the BLIP-2 tower, the Q-Former)
-SIZE_FIELDS = (
-    "model_type",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "num_local_experts",
-)
 
 
 def hub_reference(name: str | None) -> str | None:
@@ -58,7 +49,7 @@ def _is_local_path(value) -> bool:
 
 
 def _sizes(config) -> tuple:
-    return tuple(getattr(config, field, None) for field in SIZE_FIELDS)
+    return tuple(getattr(config, field, None) for field in DECODER_SHAPE_FIELDS)
 
 
 def _size_defining_fields(config: SphinxConfig) -> dict:

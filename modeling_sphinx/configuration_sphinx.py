@@ -156,13 +156,22 @@ VARIANT_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _variant(llama_type: str, **differences) -> dict[str, Any]:
+def _variant(llama_type: str, like: dict[str, Any] = VARIANT_DEFAULTS, **differences) -> dict[str, Any]:
     """A release row: `llama_type`, the model file of the original code it was made with, and how it differs
-    from `VARIANT_DEFAULTS`."""
-    return {"llama_type": llama_type, **VARIANT_DEFAULTS, **differences}
+    from the row it is `like` (by default `VARIANT_DEFAULTS`)."""
+    return {**like, "llama_type": llama_type, **differences}
 
 
+# the "-1k" releases cut a 2 x 2 grid of sub-images from an input twice the side of their single-view sibling
 _SPHINX_1K = _variant(llama_type="llama_ens5", image_size=448, crop_grid=2)
+_SPHINX_TINY = _variant(
+    llama_type="llama_ens_light",
+    text="tinyllama-1.1b",
+    encoders=LIGHT_ENCODERS,
+    image_size=512,
+    convnext_view_size=512,
+)
+_SPHINX_MOE = _variant(llama_type="mixtral_sparse_ens", text="mixtral-8x7b", image_size=512, convnext_view_size=512)
 
 SPHINX_VARIANTS: dict[str, dict[str, Any]] = {
     "sphinx": _variant(llama_type="llama_ens"),
@@ -170,27 +179,10 @@ SPHINX_VARIANTS: dict[str, dict[str, Any]] = {
     # SPHINX-V2-1k is sphinx-1k's architecture trained on more data: the two differ in their weights only
     "sphinx-v2-1k": dict(_SPHINX_1K),
     "sphinx-2k": _variant(llama_type="llama_ens10", image_size=672, crop_grid=3),
-    "sphinx-tiny": _variant(
-        llama_type="llama_ens_light",
-        text="tinyllama-1.1b",
-        encoders=LIGHT_ENCODERS,
-        image_size=512,
-        convnext_view_size=512,
-    ),
-    "sphinx-tiny-1k": _variant(
-        llama_type="llama_ens5_light",
-        text="tinyllama-1.1b",
-        encoders=LIGHT_ENCODERS,
-        image_size=1024,
-        crop_grid=2,
-        convnext_view_size=512,
-    ),
-    "sphinx-moe": _variant(
-        llama_type="mixtral_sparse_ens", text="mixtral-8x7b", image_size=512, convnext_view_size=512
-    ),
-    "sphinx-moe-1k": _variant(
-        llama_type="mixtral_sparse_ens5", text="mixtral-8x7b", image_size=1024, crop_grid=2, convnext_view_size=512
-    ),
+    "sphinx-tiny": _SPHINX_TINY,
+    "sphinx-tiny-1k": _variant(llama_type="llama_ens5_light", like=_SPHINX_TINY, image_size=1024, crop_grid=2),
+    "sphinx-moe": _SPHINX_MOE,
+    "sphinx-moe-1k": _variant(llama_type="mixtral_sparse_ens5", like=_SPHINX_MOE, image_size=1024, crop_grid=2),
 }
 
 

@@ -71,6 +71,7 @@ import yaml
 
 from .dtypes import DTYPES
 from .folders import atomic_output_dir
+from .shapes import DECODER_SHAPE_FIELDS
 from .shards import LazyCheckpoint, StreamingShardWriter, parse_size
 
 
@@ -187,16 +188,7 @@ ARCHITECTURE_FIELDS = (
     "dinov2_config",
     "qformer_config",
 )
-TEXT_FIELDS = (
-    "model_type",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "vocab_size",
-    "num_local_experts",
-)
+TEXT_FIELDS = (*DECODER_SHAPE_FIELDS, "vocab_size")
 WEIGHT_FILES = re.compile(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
 
 
