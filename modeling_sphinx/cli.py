@@ -89,6 +89,16 @@ def _cmd_eval(args):
 
 def _cmd_demo(args):
     register_models()
+    if args.action == "pretrain":
+        from .pretrain import pretrain
+
+        if args.target is None:
+            raise ValueError("demo pretrain needs the output folder: sphinx-mllm demo pretrain OUT")
+        out = pretrain(args.target, quick=args.quick, seed=args.seed)
+        manifest = json.loads((out / "manifest.json").read_text())
+        print(json.dumps({"metrics": manifest["metrics"], "at random init": manifest["metrics_at_random_init"]}))
+        print(f"wrote the pretrained parts to {out} in {manifest['seconds']:.0f} s")
+        return
     from .demo import format_table, run_demo
 
     table = run_demo(args.out, quick=args.quick, force=args.force, seed=args.seed)
@@ -237,9 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loading_arguments(evaluate)
     evaluate.set_defaults(func=_cmd_eval)
 
-    demo = commands.add_parser("demo", help="SPHINX's recipe in miniature: train, mix, tune, evaluate (offline, CPU)")
+    demo = commands.add_parser(
+        "demo",
+        help="SPHINX's recipe in miniature: train, mix, tune, evaluate (offline, CPU); "
+        "`demo pretrain OUT` remakes its pretrained parts",
+    )
+    demo.add_argument("action", nargs="?", choices=["pretrain"], help="pretrain: make the pretrained parts")
+    demo.add_argument("target", nargs="?", help="with pretrain: the output folder (must not exist or be empty)")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--quick", action="store_true", help="a smaller world and fewer steps (about 2 minutes)")
+    demo.add_argument("--quick", action="store_true", help="a smaller world and fewer steps (for tests)")
     demo.add_argument("--force", action="store_true", help="redo every stage instead of reusing finished ones")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)

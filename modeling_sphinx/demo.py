@@ -27,21 +27,12 @@ gives the same images, the same training and the same table.
 """
 
 import json
-import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
-
 from .processing.tasks_sphinx import TASK_INSTRUCTIONS
-
-COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 80, 220), "yellow": (230, 195, 35)}
-SHAPES = ("circle", "square", "triangle")
-DOMAINS = ("real", "synthetic")
-WIDTH, HEIGHT = 224, 168  # not square, so the padding to a square is part of every box
+from .world import DOMAINS, render
 
 
 @dataclass(frozen=True)
@@ -64,58 +55,6 @@ FULL = Budget(
     train_images=800, eval_images=40, base_steps=800, domain_steps=250, stage2_steps=700, betas=(0.25, 0.5, 0.75)
 )
 QUICK = Budget(train_images=200, eval_images=16, base_steps=60, domain_steps=30, stage2_steps=60, betas=(0.5,))
-
-
-def _shape(draw: ImageDraw.ImageDraw, kind: str, box: list[int], colour: tuple[int, int, int]):
-    x1, y1, x2, y2 = box
-    if kind == "circle":
-        draw.ellipse(box, fill=colour)
-    elif kind == "square":
-        draw.rectangle(box, fill=colour)
-    else:
-        draw.polygon([((x1 + x2) // 2, y1), (x2, y2), (x1, y2)], fill=colour)
-
-
-def render(seed: int, domain: str) -> tuple[Image.Image, list[dict], dict]:
-    """One scene: 1 shape (or 2 of distinct kinds and colours), 55-80 px, and a 7-px dot; `(image, shapes, dot)`."""
-    rng = random.Random(f"{domain}-{seed}")
-    if domain == "real":
-        base = np.array([rng.randint(120, 200) for _ in range(3)], dtype=np.float32)
-        light = np.linspace(0.75, 1.15, WIDTH)[None, :, None] * np.linspace(1.1, 0.8, HEIGHT)[:, None, None]
-        noise = np.random.default_rng(seed).normal(0, 14, (HEIGHT, WIDTH, 3))
-        image = Image.fromarray(np.clip(base * light + noise, 0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(image)
-        for _ in range(6):  # clutter
-            points = [(rng.randrange(WIDTH), rng.randrange(HEIGHT)) for _ in range(2)]
-            draw.line(points, fill=tuple(rng.randint(60, 230) for _ in range(3)), width=rng.randint(1, 3))
-    else:
-        image = Image.new("RGB", (WIDTH, HEIGHT), (238, 238, 238))
-        draw = ImageDraw.Draw(image)
-    kinds = rng.sample(SHAPES, 1 if rng.random() < 0.6 else 2)
-    colours = rng.sample(list(COLOURS), len(kinds) + 1)
-    shapes, taken = [], []
-    for kind, colour in zip(kinds, colours, strict=False):
-        for _ in range(50):
-            side = rng.randint(55, 80)
-            x, y = rng.randint(4, WIDTH - side - 4), rng.randint(4, HEIGHT - side - 4)
-            box = [x, y, x + side, y + side]
-            if all(box[2] < t[0] - 4 or box[0] > t[2] + 4 or box[3] < t[1] - 4 or box[1] > t[3] + 4 for t in taken):
-                break
-        taken.append(box)
-        fill = COLOURS[colour]
-        if domain == "real":
-            fill = tuple(min(255, max(0, c + rng.randint(-18, 18))) for c in fill)
-        _shape(draw, kind, box, fill)
-        shapes.append({"kind": kind, "colour": colour, "box": box})
-    dot_colour = colours[len(kinds)]
-    for _ in range(50):
-        x, y = rng.randint(4, WIDTH - 11), rng.randint(4, HEIGHT - 11)
-        if all(x + 7 < t[0] or x > t[2] or y + 7 < t[1] or y > t[3] for t in taken):
-            break
-    draw.ellipse([x, y, x + 7, y + 7], fill=COLOURS[dot_colour])
-    if domain == "real":
-        image = image.filter(ImageFilter.GaussianBlur(0.6))
-    return image, shapes, {"colour": dot_colour, "box": [x, y, x + 7, y + 7]}
 
 
 def write_split(root: Path, domain: str, first_seed: int, count: int) -> Path:
@@ -151,7 +90,8 @@ STAGE2_WEIGHTS = {"vqa": 2, "referring_expression": 2, "region_caption": 1}
 TASK_FILES = {"vqa": "vqa.jsonl", "referring_expression": "grounding.jsonl", "region_caption": "grounding.jsonl"}
 
 
-def _mixture(path: Path, splits: list[Path], weights: dict[str, int]) -> Path:
+def mixture_file(path: Path, splits: list[Path], weights: dict[str, int]) -> Path:
+    """A task-mixture YAML at `path` over the splits' task files, each task sampled with its weight."""
     import yaml
 
     sources = [
@@ -184,7 +124,7 @@ def _train(model: Path, mixture: Path, out: Path, steps: int, learning_rate: flo
         weight_decay=0.0,
         use_cpu=True,
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         assistant_only_loss=True,
         max_length=1024,
         logging_steps=max(1, steps // 8),
@@ -198,36 +138,9 @@ def _train(model: Path, mixture: Path, out: Path, steps: int, learning_rate: flo
 
 
 def _init(out: Path, seed: int) -> Path:
-    from .build import init_model
-    from .tokenizer import train_tiny_sentencepiece
+    from .pretrain import init_miniature
 
-    if (out / "config.json").is_file():
-        return out
-    encoder = {"embed_dim": 32, "depth": 1, "num_heads": 2, "img_size": 112, "patch_size": 28}
-    with tempfile.TemporaryDirectory() as scratch:  # init_model reads the tokenizer into the model folder
-        # 768 pieces learned from the template and the task prompts: the system prompt is 31 tokens, not 68
-        tokenizer = Path(scratch) / "tokenizer.model"
-        tokenizer.write_bytes(train_tiny_sentencepiece(vocab_size=768))
-        return init_model(
-            "sphinx-1k",
-            out,
-            tiny=True,
-            tokenizer_model=tokenizer,
-            seed=seed,
-            image_size=224,
-            view_size=112,
-            patch_size=28,
-            convnext_view_size=128,  # ConvNeXt's stride-32 map of a 128-px view is the 4 x 4 patch grid
-            qformer_config=None,
-            clip_config={"architecture": "vit_large_patch14_clip_224", "model_args": encoder},
-            dinov2_config={"architecture": "vit_giant_patch14_dinov2", "model_args": {**encoder, "embed_dim": 24}},
-            text_config={
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-            },
-        )
+    return out if (out / "config.json").is_file() else init_miniature(out, seed)
 
 
 def _mix(first: Path, second: Path, beta: float, out: Path) -> Path:
@@ -289,10 +202,10 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, force: bool = F
     eval_splits = {d: write_split(data, d, 10_000_000 + 1000 * seed, budget.eval_images) for d in DOMAINS}
     base = _init(out / "init", seed)
     models = {"untrained": base}
-    shared = _mixture(out / "stage1-base.yaml", list(train_splits.values()), STAGE1_WEIGHTS)
+    shared = mixture_file(out / "stage1-base.yaml", list(train_splits.values()), STAGE1_WEIGHTS)
     models["stage-1 base"] = _train(base, shared, out / "stage1-base", budget.base_steps, budget.base_learning_rate)
     for domain in DOMAINS:
-        mixture = _mixture(out / f"stage1-{domain}.yaml", [train_splits[domain]], STAGE1_WEIGHTS)
+        mixture = mixture_file(out / f"stage1-{domain}.yaml", [train_splits[domain]], STAGE1_WEIGHTS)
         models[f"stage-1 {domain}"] = _train(
             models["stage-1 base"], mixture, out / f"stage1-{domain}", budget.domain_steps, budget.domain_learning_rate
         )
@@ -300,7 +213,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, force: bool = F
         models[f"mix beta={beta:g}"] = _mix(
             models["stage-1 real"], models["stage-1 synthetic"], beta, out / f"mix-{beta:g}"
         )
-    both = _mixture(out / "stage2.yaml", list(train_splits.values()), STAGE2_WEIGHTS)
+    both = mixture_file(out / "stage2.yaml", list(train_splits.values()), STAGE2_WEIGHTS)
     models["tuned mix"] = _train(
         models["mix beta=0.5"], both, out / "stage2", budget.stage2_steps, budget.stage2_learning_rate
     )

@@ -7,7 +7,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from modeling_sphinx.cli import main
-from modeling_sphinx.demo import HEIGHT, WIDTH, render
+from modeling_sphinx.world import HEIGHT, WIDTH, render
 
 
 def _average(scores):
