@@ -59,6 +59,8 @@ def write_model_folder(
 
     model.config.auto_map = {"AutoModel": "modeling_sphinx.SphinxModel"}
     model.config.architectures = [type(model).__name__]
+    # the tokenizer's padding id, so that `Trainer` finds nothing to realign (and says nothing) when tuning starts
+    model.config.text_config.pad_token_id = processor.tokenizer.pad_token_id
     with atomic_output_dir(out_dir) as staging:
         write_weights(staging)
         custom_object_save(model, staging, config=model.config)

@@ -28,6 +28,7 @@ gives the same images, the same training and the same table.
 
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def mixture_file(path: Path, splits: list[Path], weights: dict[str, int]) -> Pat
     return path
 
 
-def _train(model: Path, mixture: Path, out: Path, steps: int, learning_rate: float) -> Path:
+def _train(model: Path, mixture: Path, out: Path, steps: int, learning_rate: float, stage: str) -> Path:
     from trl import SFTConfig
 
     from .training import SphinxTuningArguments, train
@@ -134,7 +135,7 @@ def _train(model: Path, mixture: Path, out: Path, steps: int, learning_rate: flo
         data_seed=0,
         dataloader_num_workers=0,
     )
-    return train(args, config)
+    return train(args, config, progress=stage)
 
 
 def _init(out: Path, seed: int) -> Path:
@@ -190,9 +191,37 @@ def _scores(model_dir: Path, splits: dict[str, Path], out: Path) -> dict[str, fl
     return scores
 
 
+@contextmanager
+def _only_stage_progress():
+    """No progress bars but the stages' own while the demo runs: loading, saving and dataset preparation are
+    quick and would bury the stages' bars and the tables."""
+    import datasets
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    hub_was_off, datasets_was_off = are_progress_bars_disabled(), datasets.is_progress_bar_enabled() is False
+    transformers_was_on = transformers_logging.is_progress_bar_enabled()
+    disable_progress_bars()
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not hub_was_off:
+            enable_progress_bars()
+        if not datasets_was_off:
+            datasets.enable_progress_bars()
+        if transformers_was_on:
+            transformers_logging.enable_progress_bar()
+
+
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, force: bool = False, seed: int = 0) -> dict:
     """Run (or resume) the whole miniature recipe; returns `{model name: {metric domain: score}}`."""
-    out = Path(out).resolve()  # the mixture files name their data by absolute path
+    with _only_stage_progress():
+        return _run_demo(Path(out).resolve(), quick, force, seed)  # the mixture files name data by absolute path
+
+
+def _run_demo(out: Path, quick: bool, force: bool, seed: int) -> dict:
     if force:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,11 +232,18 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, force: bool = F
     base = _init(out / "init", seed)
     models = {"untrained": base}
     shared = mixture_file(out / "stage1-base.yaml", list(train_splits.values()), STAGE1_WEIGHTS)
-    models["stage-1 base"] = _train(base, shared, out / "stage1-base", budget.base_steps, budget.base_learning_rate)
+    models["stage-1 base"] = _train(
+        base, shared, out / "stage1-base", budget.base_steps, budget.base_learning_rate, "stage 1, shared base"
+    )
     for domain in DOMAINS:
         mixture = mixture_file(out / f"stage1-{domain}.yaml", [train_splits[domain]], STAGE1_WEIGHTS)
         models[f"stage-1 {domain}"] = _train(
-            models["stage-1 base"], mixture, out / f"stage1-{domain}", budget.domain_steps, budget.domain_learning_rate
+            models["stage-1 base"],
+            mixture,
+            out / f"stage1-{domain}",
+            budget.domain_steps,
+            budget.domain_learning_rate,
+            f"stage 1, {domain} domain",
         )
     for beta in budget.betas:
         models[f"mix beta={beta:g}"] = _mix(
@@ -215,7 +251,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, force: bool = F
         )
     both = mixture_file(out / "stage2.yaml", list(train_splits.values()), STAGE2_WEIGHTS)
     models["tuned mix"] = _train(
-        models["mix beta=0.5"], both, out / "stage2", budget.stage2_steps, budget.stage2_learning_rate
+        models["mix beta=0.5"], both, out / "stage2", budget.stage2_steps, budget.stage2_learning_rate, "stage 2"
     )
     table = {
         name: _scores(folder, eval_splits, out / "eval" / name.replace(" ", "_")) for name, folder in models.items()

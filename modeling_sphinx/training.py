@@ -17,12 +17,14 @@ What SPHINX needs beyond TRL's defaults, and why:
 - QLoRA quantizes the LLM alone: the towers, projectors and `lm_head` stay in 16-bit (`four_bit_config`).
 """
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import SFTConfig, SFTTrainer, TrlParser
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
@@ -31,6 +33,19 @@ from .card import hub_reference
 from .dtypes import dtype_named
 from .inference import load_model, load_processor
 from .sft_data import load_mixture
+
+
+class _SeparatorEndsTheTurn(logging.Filter):
+    """Drops TRL's warning that the chat template leaves the end-of-turn token out of the loss mask.
+
+    TRL looks for an added special token at the end of the assistant's masked span; SPHINX ends a turn with the
+    plain-text separator `\n###` instead, which the mask covers (`test_labels_supervise_exactly_the_answers`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "end-of-turn token in the loss mask" not in record.getMessage()
+
+
+logging.getLogger("trl.trainer.sft_trainer").addFilter(_SeparatorEndsTheTurn())
 
 LLM_LINEAR_LAYERS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 PROJECTOR_LAYERS = ("visual_proj.0", "visual_proj.1", "qformer_proj.0", "qformer_proj.1")
@@ -114,6 +129,25 @@ def load_model_to_tune(args: SphinxTuningArguments):
     return load_model(args.model_name_or_path, dtype=args.dtype, load_in_4bit=args.tuning == "qlora")
 
 
+class StageProgress(ProgressCallback):
+    """One named progress bar for the run and nothing else on the console (the logged losses still go to
+    `trainer_state.json`)."""
+
+    def __init__(self, description: str):
+        super().__init__()
+        self.description = description
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=state.max_steps, desc=self.description, dynamic_ncols=True)
+        self.current_step = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return None
+
+
 def _peft_config(args: SphinxTuningArguments, model):
     if args.tuning == "full":
         return None
@@ -141,8 +175,10 @@ def check_max_length(training_args: SFTConfig, processor):
         )
 
 
-def train(args: SphinxTuningArguments, training_args: SFTConfig) -> Path:
-    """Run one fine-tuning job; returns the folder of the final, complete model."""
+def train(args: SphinxTuningArguments, training_args: SFTConfig, progress: str | None = None) -> Path:
+    """Run one fine-tuning job; returns the folder of the final, complete model.
+
+    `progress`: show one progress bar with this name instead of Trainer's bar and printed logs."""
     processor = load_processor(args.model_name_or_path)
     check_max_length(training_args, processor)
     if args.streaming and training_args.max_steps <= 0:
@@ -167,6 +203,10 @@ def train(args: SphinxTuningArguments, training_args: SFTConfig) -> Path:
         data_collator=collator,
         peft_config=peft_config,
     )
+    if progress is not None:
+        for default in (ProgressCallback, PrinterCallback):
+            trainer.remove_callback(default)
+        trainer.add_callback(StageProgress(progress))
     boundaries = None
     if peft_config is not None and args.train_projectors:
         boundaries = ImageBoundaryCheckpoints(trainer.model)
@@ -187,6 +227,9 @@ def train(args: SphinxTuningArguments, training_args: SFTConfig) -> Path:
             "base_model": hub_reference(args.model_name_or_path),
             "tuning": args.tuning,
         }
+        # the collator's calls leave the fast tokenizer truncating at max_length, which its files would keep and
+        # every later padded call would warn about
+        processor.tokenizer.backend_tokenizer.no_truncation()
         save_model_folder(final.eval(), processor, model_dir, provenance=provenance)
     trainer.accelerator.wait_for_everyone()
     return model_dir

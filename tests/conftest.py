@@ -1,6 +1,6 @@
-import contextlib
-import io
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -12,7 +12,6 @@ import torch  # noqa: E402
 
 import modeling_sphinx  # noqa: E402,F401  (registers the Auto classes)
 from modeling_sphinx.build import init_model  # noqa: E402
-from modeling_sphinx.cli import main  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 IMAGES = FIXTURES / "images"
@@ -36,12 +35,18 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory):
-    """`sphinx-mllm demo --quick` run once for the session: `(output folder, what it printed)`."""
+    """`sphinx-mllm demo --quick` run once for the session, in its own process as a user runs it:
+    `(output folder, what it printed on stdout, what it printed on stderr)`."""
     out = tmp_path_factory.mktemp("quick-demo") / "demo"
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert main(["demo", "--quick", "--out", str(out)]) == 0
-    return out, printed.getvalue()
+    run = subprocess.run(
+        [sys.executable, "-m", "modeling_sphinx.cli", "demo", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out, run.stdout, run.stderr
 
 
 def image_message(text: str, image=None, path=None) -> list[dict]:

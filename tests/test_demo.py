@@ -35,7 +35,7 @@ def test_generated_world_is_deterministic_and_in_two_domains():
 
 
 def test_quick_demo_learns_is_deterministic_and_reuses_stages(quick_demo, tmp_path):
-    out, printed = quick_demo
+    out, printed, _ = quick_demo
     assert "| tuned mix |" in printed and "| untrained |" in printed
     table = json.loads((out / "results.json").read_text())
     assert set(table) == {
@@ -65,7 +65,7 @@ def test_quick_demo_learns_is_deterministic_and_reuses_stages(quick_demo, tmp_pa
 def test_demo_cards_state_the_miniature_and_record_no_path(quick_demo):
     from modeling_sphinx import SphinxConfig
 
-    out, _ = quick_demo
+    out, _, _ = quick_demo
     config = SphinxConfig.from_pretrained(out / "best")
     text = (out / "best" / "README.md").read_text()
     assert config.num_image_tokens == 95 and config.num_views == 5  # 2 x 2 crops of 112 px in 28-px patches
@@ -80,3 +80,26 @@ def test_demo_cards_state_the_miniature_and_record_no_path(quick_demo):
     for card in cards:
         written = card.read_text()
         assert str(out) not in written and "/tmp" not in written and "/work" not in written, card
+
+
+# what the test extra's bitsandbytes logs when it is imported on a CPU without its optional kernels package; the
+# demo's own install (the README's first command) has no bitsandbytes
+THIRD_PARTY_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def test_the_console_shows_the_stages_bars_the_examples_and_the_table(quick_demo):
+    out, printed, errors = quick_demo
+    stages = {"stage 1, shared base", "stage 1, real domain", "stage 1, synthetic domain", "stage 2"}
+    bar_lines = [line for line in errors.replace("\r", "\n").splitlines() if line.strip()]
+    unexpected = [
+        line
+        for line in bar_lines
+        if not line.startswith(tuple(f"{s}:" for s in stages)) and THIRD_PARTY_NOTICE not in line
+    ]
+    assert not unexpected, unexpected[:5]
+    assert {line.split(":")[0] for line in bar_lines if THIRD_PARTY_NOTICE not in line} == stages
+    lines = printed.splitlines()
+    examples = [line for line in lines if "with the true box" in line]
+    table = [line for line in lines if line.startswith("|")]
+    assert len(examples) == 3 and len(table) == 2 + 6
+    assert len(lines) == len(examples) + len(table) + 1 and lines[-1].startswith("best model, with the table")
