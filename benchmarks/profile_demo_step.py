@@ -1,0 +1,100 @@
+"""Where a training step of the miniature demo spends its time: collation against the model, same run.
+
+    .venv/bin/python benchmarks/profile_demo_step.py [--steps 10] [--batch 16]
+
+One batch of the demo's stage-2 mixture (VQA, grounding, region captions on both domains) at a time, as TRL's
+`SFTTrainer` runs it: `SphinxDataCollator` (TRL's vision collator: images opened and preprocessed, the chat
+template rendered, tokenised and the assistant mask realigned over the expanded `<image>` tokens), then forward,
+backward and an AdamW step of the miniature. The collation is split into its parts with cProfile; the model
+step into the view cutting (float16 resizes), the encoders, and the LLM. Medians of `--steps` after a warm-up.
+"""
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import datasets
+import torch
+
+from modeling_sphinx.demo import STAGE2_WEIGHTS, mixture_file, write_split
+from modeling_sphinx.inference import load_pretrained
+from modeling_sphinx.pretrain import init_miniature
+from modeling_sphinx.sft_data import load_mixture
+from modeling_sphinx.training import SphinxDataCollator
+from modeling_sphinx.world import DOMAINS
+
+
+def median_seconds(function, steps: int) -> float:
+    function()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        splits = [write_split(root / "data", domain, 1000, 64) for domain in DOMAINS]
+        dataset = load_mixture(mixture_file(root / "stage2.yaml", splits, STAGE2_WEIGHTS))
+        processor, model = load_pretrained(str(init_miniature(root / "init")), dtype="float32")
+        collator = SphinxDataCollator(processor=processor, max_length=1024, assistant_only_loss=True)
+        rows = [dataset[i] for i in range(args.batch)]
+        collate = lambda: collator([dict(row) for row in rows])  # noqa: E731 (the collator consumes its rows)
+        batch = collate()
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def train_step():
+            optimizer.zero_grad()
+            model(**batch).loss.backward()
+            optimizer.step()
+
+        sphinx = model.model
+        pixels = batch["pixel_values"]
+
+        def encoders():
+            with torch.no_grad():
+                sphinx.get_image_features(pixels)
+
+        def views():
+            with torch.no_grad():
+                sphinx.cut_views(pixels)
+
+        timings = {
+            "collation": median_seconds(collate, args.steps),
+            "model step (forward, backward, AdamW)": median_seconds(train_step, args.steps),
+            "  of which view cutting (float16 resizes)": median_seconds(views, args.steps),
+            "  of which view cutting + encoders (no grad)": median_seconds(encoders, args.steps),
+        }
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(args.steps):
+            collate()
+        profile.disable()
+    tokens = batch["input_ids"].shape[1]
+    print(f"batch {args.batch} x {tokens} tokens ({model.config.num_image_tokens} visual), {args.threads} threads")
+    print("| part | median ms |")
+    print("|---|---|")
+    for name, seconds in timings.items():
+        print(f"| {name} | {seconds * 1000:.1f} |")
+    print("\ncollation, cumulative time per call of its largest parts:")
+    stats = pstats.Stats(profile)
+    stats.sort_stats("cumulative").print_stats(18)
+
+
+if __name__ == "__main__":
+    main()
