@@ -5,8 +5,9 @@ A generated world of coloured shapes in two visual domains, "real-like" (texture
 through the package's public pieces as the paper's recipe:
 
 1. `init`: a tiny random SPHINX with a global view and 2 x 2 sub-image views (224-px input, 112-px views cut
-   into 28-px patches, no Q-Former: 5 x 19 = 95 visual tokens), its encoders random and frozen (the miniature
-   has no pretrained encoders; training them doubled the step cost without gain in probes at this budget).
+   into 28-px patches, no Q-Former: 5 x 19 = 95 visual tokens), its encoders random and frozen (this job does
+   not yet load the parts of `demo pretrain`; training the random encoders doubled the step cost without gain
+   in probes at this budget).
    The patches are twice SPHINX's 14 px because the LLM's pass over the visual tokens is the cost of a step:
    with 14-px patches (335 tokens) the same 10 minutes allowed a third of the steps, and grounding stayed at
    chance (Acc@0.5 0.02 after 380 steps, against 0.19 after 1000 steps with 28-px patches);

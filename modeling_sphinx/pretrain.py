@@ -91,7 +91,7 @@ def init_miniature(out: Path, seed: int = 0) -> Path:
 class Scenes:
     """Rendered scenes as the encoders see them: every view (global first) and ConvNeXt's own views."""
 
-    views: torch.Tensor  # [N * 5, 3, 112, 112] float16
+    views: torch.Tensor  # [N * 5, 3, 112, 112], kept in float16 to halve the memory
     convnext_views: torch.Tensor  # [N * 5, 3, 128, 128] float16
     captions: list[str]
     labels: dict[str, list[str]]  # probe targets per scene

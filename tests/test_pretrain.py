@@ -25,6 +25,7 @@ from modeling_sphinx.pretrain import (
     init_miniature,
     load_parts,
 )
+from modeling_sphinx.world import MINIATURE
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,7 @@ def test_the_shipped_parts_load_and_reproduce_their_recorded_metrics(miniature):
     manifest = json.loads((SHIPPED / "manifest.json").read_text())
     assert sum(p.stat().st_size for p in SHIPPED.iterdir()) <= 10 * 1024**2
     assert manifest["budget"] == asdict(FULL) and "--quick" not in manifest["command"]
+    assert manifest["miniature"] == json.loads(json.dumps(MINIATURE))  # made for the geometry the demo builds
     processor, model = miniature
     state = {k: v.clone() for k, v in model.state_dict().items()}
     try:
