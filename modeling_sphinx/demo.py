@@ -4,15 +4,16 @@ A generated world of coloured shapes in two visual domains, "real-like" (texture
 "synthetic" (flat and clean), each image with a small dot that only the sub-image views see at full size, goes
 through the package's public pieces as the paper's recipe:
 
-1. `init`: a tiny random SPHINX with a global view and 2 x 2 sub-image views (224-px input, 112-px views cut
-   into 28-px patches, no Q-Former: 5 x 19 = 95 visual tokens), its encoders random and frozen (this job does
-   not yet load the parts of `demo pretrain`; training the random encoders doubled the step cost without gain
-   in probes at this budget).
+1. `init`: a tiny SPHINX with a global view and 2 x 2 sub-image views (224-px input, 112-px views cut into
+   28-px patches, no Q-Former: 5 x 19 = 95 visual tokens) assembled from the package's pretrained miniature
+   parts (`sphinx-mllm demo pretrain`: encoders pretrained contrastively or self-supervised, frozen; a LLaMA
+   pretrained on text), with a random projector and start/end embeddings. Against random weights, the same
+   recipe's tuned mix went from 0.46 to 0.64 on average, grounding from 0.30 / 0.40 to 0.62 / 0.65.
    The patches are twice SPHINX's 14 px because the LLM's pass over the visual tokens is the cost of a step:
    with 14-px patches (335 tokens) the same 10 minutes allowed a third of the steps, and grounding stayed at
    chance (Acc@0.5 0.02 after 380 steps, against 0.19 after 1000 steps with 28-px patches);
-2. stage 1, `train`: a shared base on both domains (standing in for the pretrained LLM that both of SPHINX's
-   LLMs are tuned from), then one model per domain tuned from that base, on VQA (colour of a shape, colour of
+2. stage 1, `train`: a shared base on both domains (so that both domain LLMs start from one model, as both of
+   SPHINX's start from one LLaMA-2), then one model per domain tuned from that base, on VQA (colour of a shape, colour of
    the dot) and referring-expression grounding, three grounding samples to one VQA sample (grounding learns
    slowest; at 900 / 250 / 800 steps, 1 : 1 left the tuned mix grounding 0.15 / 0.15, 3 : 1 gave 0.30 / 0.38,
    VQA unchanged). Without the shared base, the two domain models trained from the random init ended in
@@ -29,6 +30,7 @@ gives the same images, the same training and the same table.
 
 import json
 import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +54,7 @@ class Budget:
     stage2_learning_rate: float = 2e-3
 
 
-# 8.9 min on 2 CPU cores; 900 / 250 / 800 steps scored better but took 9.2-10.2 min, too close to 10
+# 7.8 min on 2 idle CPU cores from the pretrained parts (8.9 min from random weights, 2026-12-01)
 FULL = Budget(
     train_images=800, eval_images=40, base_steps=800, domain_steps=250, stage2_steps=700, betas=(0.25, 0.5, 0.75)
 )
@@ -140,9 +142,18 @@ def _train(model: Path, mixture: Path, out: Path, steps: int, learning_rate: flo
 
 
 def _init(out: Path, seed: int) -> Path:
-    from .pretrain import init_miniature
+    """The miniature with the package's pretrained parts (encoders and LLM); the projector and the start/end
+    embeddings keep their random initialisation from `seed`, for stage 1 to train."""
+    from .build import save_model_folder
+    from .inference import load_pretrained
+    from .pretrain import init_miniature, load_parts
 
-    return out if (out / "config.json").is_file() else init_miniature(out, seed)
+    if (out / "config.json").is_file():
+        return out
+    with tempfile.TemporaryDirectory() as scratch:
+        processor, model = load_pretrained(str(init_miniature(Path(scratch) / "random", seed)), dtype="float32")
+    load_parts(model)
+    return save_model_folder(model, processor, out, provenance={"kind": "pretrained parts"})
 
 
 def _mix(first: Path, second: Path, beta: float, out: Path) -> Path:
