@@ -41,7 +41,8 @@ def hub_reference(name: str | None) -> str | None:
 
 
 def _is_local_path(value) -> bool:
-    """An absolute path, or a relative one with a folder in it that exists here (a bare name is just a name)."""
+    """An absolute path, or a relative one with a folder in it that exists here (a bare name is just a name, and
+    multi-line text such as a recipe is not a path)."""
     if not isinstance(value, (str, os.PathLike)) or "\n" in str(value):
         return False
     value = str(value)

@@ -211,7 +211,7 @@ def _only_stage_progress():
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as transformers_logging
 
-    hub_was_off, datasets_was_off = are_progress_bars_disabled(), datasets.is_progress_bar_enabled() is False
+    hub_was_on, datasets_was_on = not are_progress_bars_disabled(), datasets.is_progress_bar_enabled()
     transformers_was_on = transformers_logging.is_progress_bar_enabled()
     disable_progress_bars()
     datasets.disable_progress_bars()
@@ -219,9 +219,9 @@ def _only_stage_progress():
     try:
         yield
     finally:
-        if not hub_was_off:
+        if hub_was_on:
             enable_progress_bars()
-        if not datasets_was_off:
+        if datasets_was_on:
             datasets.enable_progress_bars()
         if transformers_was_on:
             transformers_logging.enable_progress_bar()
