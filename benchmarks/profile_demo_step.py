@@ -5,7 +5,9 @@
 One batch of the demo's stage-2 mixture (VQA, grounding, region captions on both domains) at a time, as TRL's
 `SFTTrainer` runs it: `SphinxDataCollator` (TRL's vision collator: images opened and preprocessed, the chat
 template rendered, tokenised and the assistant mask realigned over the expanded `<image>` tokens), then forward,
-backward and an AdamW step of the miniature. The collation is split into its parts with cProfile; the model
+backward and an AdamW step of the miniature. The collation is timed twice in the same run: as the demo runs it
+(decoded images cached, the assistant mask compared as arrays) and before those two changes (transformers'
+per-token mask loop, every PNG decoded each batch). The collation is split into its parts with cProfile; the model
 step into the view cutting (float16 resizes), the encoders, and the LLM. Medians of `--steps` after a warm-up.
 """
 
@@ -16,16 +18,20 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import datasets
 import torch
+from transformers.processing_utils import ProcessorMixin
 
-from modeling_sphinx.demo import STAGE2_WEIGHTS, mixture_file, write_split
+from modeling_sphinx.demo import TASK_WEIGHTS, mixture_file, write_split
 from modeling_sphinx.inference import load_pretrained
 from modeling_sphinx.pretrain import init_miniature
 from modeling_sphinx.sft_data import load_mixture
 from modeling_sphinx.training import SphinxDataCollator
 from modeling_sphinx.world import DOMAINS
+
+transformers_mask_rule = ProcessorMixin._adjust_assistant_masks_indices
 
 
 def median_seconds(function, steps: int) -> float:
@@ -49,12 +55,20 @@ def main():
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         splits = [write_split(root / "data", domain, 1000, 64) for domain in DOMAINS]
-        dataset = load_mixture(mixture_file(root / "stage2.yaml", splits, STAGE2_WEIGHTS))
+        dataset = load_mixture(mixture_file(root / "stage2.yaml", splits, TASK_WEIGHTS))
         processor, model = load_pretrained(str(init_miniature(root / "init")), dtype="float32")
-        collator = SphinxDataCollator(processor=processor, max_length=1024, assistant_only_loss=True)
+        collator = SphinxDataCollator(
+            processor=processor, max_length=1024, assistant_only_loss=True, image_cache_size=len(dataset)
+        )
         rows = [dataset[i] for i in range(args.batch)]
         collate = lambda: collator([dict(row) for row in rows])  # noqa: E731 (the collator consumes its rows)
         batch = collate()
+        before = SphinxDataCollator(processor=processor, max_length=1024, assistant_only_loss=True)
+
+        def collate_before():
+            with patch.object(type(processor), "_adjust_assistant_masks_indices", transformers_mask_rule):
+                before([dict(row) for row in rows])
+
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -75,6 +89,9 @@ def main():
                 sphinx.cut_views(pixels)
 
         timings = {
+            "collation before (transformers' mask loop, every PNG decoded)": median_seconds(
+                collate_before, args.steps
+            ),
             "collation": median_seconds(collate, args.steps),
             "model step (forward, backward, AdamW)": median_seconds(train_step, args.steps),
             "  of which view cutting (float16 resizes)": median_seconds(views, args.steps),

@@ -99,10 +99,10 @@ def _cmd_demo(args):
         print(json.dumps({"metrics": manifest["metrics"], "at random init": manifest["metrics_at_random_init"]}))
         print(f"wrote the pretrained parts to {out} in {manifest['seconds']:.0f} s")
         return
-    from .demo import format_table, run_demo
+    from .demo import format_report, run_demo
 
-    table = run_demo(args.out, quick=args.quick, force=args.force, seed=args.seed)
-    print(format_table(table))
+    results = run_demo(args.out, quick=args.quick, force=args.force, seed=args.seed)
+    print(format_report(results))
     print(
         f"best model, with the table in its card: {Path(args.out) / 'best'}; drawn answers: {args.out}/example_*.png"
     )

@@ -9,8 +9,11 @@
 - `box_iou`, `rec_metrics`: referring-expression Acc@IoU>=0.5 and mean IoU, boxes in pixels of the original
   image (SPHINX's answers are fractions of the padded square: `to_pixels` maps them back).
 - `coco_average_precision`: detection and keypoint AP through `pycocotools` (the `eval` extra).
+- `proportion_interval`, `paired_difference`: 95 % intervals of a score and of the difference between two
+  models on the same questions.
 """
 
+import math
 import re
 
 from .processing.tasks_sphinx import parse_grounding
@@ -200,3 +203,26 @@ def coco_average_precision(ground_truth: dict, detections: list[dict], iou_type:
         evaluation.summarize()
     stats = [max(0.0, float(s)) for s in evaluation.stats[:3]]
     return {"ap": stats[0], "ap50": stats[1], "ap75": stats[2]}
+
+
+def proportion_interval(hits: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95 % at z = 1.96); unlike the normal approximation it stays inside
+    [0, 1] and keeps a width at 0 or `total` hits."""
+    if total <= 0 or not 0 <= hits <= total:
+        raise ValueError(f"proportion_interval needs 0 <= hits <= total and total > 0, got {hits} of {total}")
+    share = hits / total
+    centre = (share + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(share * (1 - share) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_difference(first: list[float], second: list[float]) -> tuple[float, float]:
+    """Mean of `first - second` over the same questions, and the variance of that mean (sample variance / n)."""
+    if len(first) != len(second) or len(first) < 2:
+        raise ValueError(
+            f"paired_difference needs two equally long lists of 2+ scores, got {len(first)} and {len(second)}"
+        )
+    differences = [a - b for a, b in zip(first, second, strict=True)]
+    mean = sum(differences) / len(differences)
+    variance = sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)
+    return mean, variance / len(differences)

@@ -306,3 +306,23 @@ def test_lmms_eval_plugin_says_it_is_a_generation_only_chat_model(tiny_model_dir
         model.loglikelihood([])
     with pytest.raises(NotImplementedError, match="single-round"):
         model.generate_until_multi_round([])
+
+
+def test_proportion_interval_is_wilsons():
+    from modeling_sphinx.metrics import proportion_interval
+
+    low, high = proportion_interval(81, 100)  # Wilson's interval for 81 / 100: 0.722 to 0.875
+    assert abs(low - 0.7222) < 1e-3 and abs(high - 0.8749) < 1e-3
+    low, high = proportion_interval(200, 200)
+    assert 0.98 < low < 1 and high == 1.0  # a perfect score keeps a width
+    with pytest.raises(ValueError, match="got 3 of 2"):
+        proportion_interval(3, 2)
+
+
+def test_paired_difference_on_the_same_questions():
+    from modeling_sphinx.metrics import paired_difference
+
+    mean, variance = paired_difference([1, 1, 0, 1], [0, 1, 0, 0])  # differences 1, 0, 0, 1
+    assert mean == 0.5 and abs(variance - (1 / 3) / 4) < 1e-12
+    with pytest.raises(ValueError, match="got 2 and 3"):
+        paired_difference([1, 0], [1, 0, 1])

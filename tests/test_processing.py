@@ -69,6 +69,28 @@ def test_assistant_mask_covers_answer_and_separator(processor):
     assert ids[0] == processor.tokenizer.bos_token_id and ids[1] == processor.image_token_id
 
 
+def test_assistant_mask_matches_transformers_rule(processor, monkeypatch):
+    """The array version gives transformers' own masks: a padded batch, two turns, images and none."""
+    from transformers.processing_utils import ProcessorMixin
+
+    two_turns = image_message("What is it?", path=IMAGES / "chelsea.png") + [
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+        {"role": "user", "content": [{"type": "text", "text": "And its colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Orange, with [0.1,0.2,0.3,0.4]."}]},
+    ]
+    text_only = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, human."}]
+    for batch in ([two_turns, two_turns[:2]], [text_only]):
+        kwargs = {"tokenize": True, "return_dict": True, "return_assistant_tokens_mask": True}
+        kwargs["processor_kwargs"] = {"padding": True}
+        ours = processor.apply_chat_template(batch, **kwargs)["assistant_masks"]
+        with monkeypatch.context() as patch:
+            patch.setattr(
+                type(processor), "_adjust_assistant_masks_indices", ProcessorMixin._adjust_assistant_masks_indices
+            )
+            theirs = processor.apply_chat_template(batch, **kwargs)["assistant_masks"]
+        assert ours == theirs and any(any(mask) for mask in ours)
+
+
 def test_image_placeholder_expansion_right_after_bos(processor):
     out = processor(text="<image>A chat", images=Image.open(IMAGES / "coffee.png"), return_tensors="pt")
     ids = out["input_ids"][0].tolist()

@@ -286,6 +286,32 @@ def test_labels_supervise_exactly_the_answers(world, tiny_sphinx):
         tight([dict(samples["referring_expression"][0])])
 
 
+def test_image_cache_decodes_each_file_once_and_changes_nothing(world, tiny_sphinx, monkeypatch):
+    from modeling_sphinx import training
+
+    processor = AutoProcessor.from_pretrained(tiny_sphinx)
+    samples = _by_task(world)
+    batch_samples = [samples["referring_expression"][0], samples["vqa"][1], samples["vqa"][0]]
+    plain = SphinxDataCollator(processor=processor, max_length=4096, assistant_only_loss=True)
+    files = {str(image) for sample in batch_samples for image in sample["images"]}
+    assert len(files) >= 2
+    decoded, open_image = [], training.open_image
+    monkeypatch.setattr(training, "open_image", lambda path: decoded.append(path) or open_image(path))
+    expected = plain([dict(s) for s in batch_samples])
+    assert not decoded  # without a cache TRL's processor decodes the files itself
+    for size, evicts in ((len(files), False), (1, True)):
+        decoded.clear()
+        cached = SphinxDataCollator(
+            processor=processor, max_length=4096, assistant_only_loss=True, image_cache_size=size
+        )
+        for _ in range(3):
+            batch = cached([dict(s) for s in batch_samples])
+            assert batch.keys() == expected.keys()
+            assert all(torch.equal(batch[key], expected[key]) for key in expected)
+        assert len(cached._decoded) == size
+        assert len(decoded) > len(files) if evicts else len(decoded) == len(files)
+
+
 def _train_args(tiny, world, out, *extra):
     return [
         "train",
