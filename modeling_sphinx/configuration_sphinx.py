@@ -14,7 +14,12 @@ from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
-from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+from transformers.configuration_utils import PreTrainedConfig
+
+try:
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers 5.19 and older (serving engines pin them): `sub_configs` and a manual conversion
+    SubConfigSpec = None
 
 # Released LLM sizes. The vocabulary is LLaMA's 32000 pieces plus the added `<image>` placeholder.
 TEXT_PRESETS: dict[str, dict[str, Any]] = {
@@ -260,13 +265,21 @@ class SphinxConfig(PreTrainedConfig):
     """
 
     model_type = "sphinx"
-    sub_configs_defaults = {
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-        "clip_config": SubConfigSpec(config_class=SphinxVisionEncoderConfig, optional=True),
-        "convnext_config": SubConfigSpec(config_class=SphinxVisionEncoderConfig, optional=True),
-        "dinov2_config": SubConfigSpec(config_class=SphinxVisionEncoderConfig, optional=True),
-        "qformer_config": SubConfigSpec(config_class=AutoConfig, model_type="blip-2", optional=True),
+    # sub-config: (config class, default model type of an AutoConfig one, optional)
+    _SUB_CONFIGS = {
+        "text_config": (AutoConfig, "llama", False),
+        "clip_config": (SphinxVisionEncoderConfig, None, True),
+        "convnext_config": (SphinxVisionEncoderConfig, None, True),
+        "dinov2_config": (SphinxVisionEncoderConfig, None, True),
+        "qformer_config": (AutoConfig, "blip-2", True),
     }
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            name: SubConfigSpec(config_class=cls, model_type=model_type, optional=optional)
+            for name, (cls, model_type, optional) in _SUB_CONFIGS.items()
+        }
+    else:
+        sub_configs = {name: cls for name, (cls, _, _) in _SUB_CONFIGS.items()}
 
     text_config: dict | PreTrainedConfig | None = None
     clip_config: dict | PreTrainedConfig | None = None
@@ -286,11 +299,29 @@ class SphinxConfig(PreTrainedConfig):
     patch_size = 14  # CLIP ViT-L/14, DINOv2 ViT-g/14 and EVA ViT-g/14 all use 14-px patches
 
     def __post_init__(self, **kwargs):
+        if SubConfigSpec is None:
+            self._build_sub_configs()
         super().__post_init__(**kwargs)
         if self.crop_grid < 1:
             raise ValueError(f"crop_grid must be >= 1, got {self.crop_grid}")
         if self.view_size % self.patch_size:
             raise ValueError(f"view_size {self.view_size} is not a multiple of the {self.patch_size}-px patch")
+
+    def _build_sub_configs(self):
+        """What transformers 5.20+ does from `sub_configs_defaults`: dicts become configs, a missing LLM config
+        becomes the default LLaMA one."""
+        from transformers import CONFIG_MAPPING
+
+        for name, (cls, model_type, optional) in self._SUB_CONFIGS.items():
+            value = getattr(self, name)
+            if value is None and not optional:
+                value = {}
+            if isinstance(value, dict):
+                if cls is AutoConfig:
+                    value = CONFIG_MAPPING[value.get("model_type", model_type)](**value)
+                else:
+                    value = cls(**value)
+                setattr(self, name, value)
 
     @property
     def num_views(self) -> int:

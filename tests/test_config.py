@@ -87,3 +87,37 @@ def test_bad_variant_and_fields():
         SphinxConfig.from_variant("sphinx-3k")
     with pytest.raises(ValueError, match="crop_grid"):
         SphinxConfig.from_variant("sphinx", crop_grid=0)
+
+
+def test_config_file_builds_the_same_config_without_subconfigspec(monkeypatch):
+    """The remote-code config under transformers 5.19 and older, which lack `SubConfigSpec` (serving engines pin
+    them): loaded from the file as a saved folder's remote code, it builds and round-trips the same config."""
+    import importlib.util
+    import json
+
+    import transformers.configuration_utils
+
+    import modeling_sphinx.configuration_sphinx as current
+
+    monkeypatch.delattr(transformers.configuration_utils, "SubConfigSpec")
+    spec = importlib.util.spec_from_file_location("sphinx_config_before_5_20", current.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.SubConfigSpec is None and "sub_configs_defaults" not in vars(module.SphinxConfig)
+    assert set(module.SphinxConfig.sub_configs) == {
+        "text_config",
+        "clip_config",
+        "convnext_config",
+        "dinov2_config",
+        "qformer_config",
+    }
+    for variant in ("sphinx-1k", "sphinx-tiny", "sphinx-moe"):
+        expected = current.SphinxConfig.from_variant(variant, tiny=True).to_dict()
+        built = module.SphinxConfig.from_variant(variant, tiny=True)
+        assert (
+            type(built.text_config).__name__ == type(current.SphinxConfig.from_variant(variant).text_config).__name__
+        )
+        assert built.to_dict() == expected
+        assert module.SphinxConfig(**json.loads(built.to_json_string())).to_dict() == expected
+    with pytest.raises(ValueError, match="crop_grid must be >= 1"):
+        module.SphinxConfig(crop_grid=0)
