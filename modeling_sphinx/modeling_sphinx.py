@@ -9,6 +9,7 @@ This file is copied flat into saved model folders as remote code: it imports onl
 `configuration_sphinx`.
 """
 
+import functools
 from dataclasses import dataclass
 
 import timm
@@ -19,17 +20,50 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.generation import StoppingCriteria, StoppingCriteriaList
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPooling,
-    MultimodalBaseModelOutputWithPast,
-    MultimodalCausalLMOutputWithPast,
-)
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionModel
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_sphinx import SphinxConfig
+
+try:
+    from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast, MultimodalCausalLMOutputWithPast
+except ImportError:  # transformers 5.19 and older (serving engines pin them) have no multimodal outputs yet
+
+    @dataclass
+    class MultimodalBaseModelOutputWithPast(BaseModelOutputWithPast):
+        image_outputs: BaseModelOutputWithPooling | None = None
+
+    @dataclass
+    class MultimodalCausalLMOutputWithPast(CausalLMOutputWithPast):
+        image_outputs: BaseModelOutputWithPooling | None = None
+
+
+# The KV cache's argument and output field: `cache` in the newest transformers, `past_key_values` in 5.19 and older
+CACHE = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def takes_cache(removed_in: str):
+    """Accept the cache as `cache=`. With the newest transformers `past_key_values=` still works and warns that
+    it goes in version `removed_in`; 5.19 and older, whose own generation loop passes `past_key_values=`, have
+    it renamed silently."""
+
+    def decorate(function):
+        if CACHE == "cache":
+            return deprecate_kwarg("past_key_values", removed_in, new_name="cache")(function)
+
+        @functools.wraps(function)
+        def renamed(*args, **kwargs):
+            if "past_key_values" in kwargs:
+                kwargs["cache"] = kwargs.pop("past_key_values")
+            return function(*args, **kwargs)
+
+        return renamed
+
+    return decorate
+
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -409,7 +443,7 @@ class SphinxModel(SphinxPreTrainedModel):
         return is_image.unsqueeze(-1).expand_as(inputs_embeds)
 
     @can_return_tuple
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @takes_cache("5.40.0")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -448,14 +482,14 @@ class SphinxModel(SphinxPreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             use_cache=use_cache,
             return_dict=True,
+            **{CACHE: cache},
             **kwargs,
         )
         return SphinxModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            cache=outputs.cache,
+            **{CACHE: getattr(outputs, CACHE)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_outputs=image_outputs,
@@ -483,7 +517,7 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
         return self.model.get_image_features(pixel_values, **kwargs)
 
     @can_return_tuple
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @takes_cache("5.40.0")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -530,7 +564,7 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            cache=outputs.cache,
+            **{CACHE: getattr(outputs, CACHE)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_outputs=outputs.image_outputs,
@@ -562,7 +596,7 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
             first += total
         return pixel_values[keep] if keep else None
 
-    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
+    @takes_cache("6.0.0")
     def generate(self, *args, stopping_criteria: StoppingCriteriaList | None = None, **kwargs):
         """`GenerationMixin.generate`, stopping each row at SPHINX's turn separator.
 
@@ -596,6 +630,8 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
         if sequences:
             stopping_criteria = StoppingCriteriaList(stopping_criteria or [])
             stopping_criteria.append(SeparatorStoppingCriteria(sequences))
+        if CACHE != "cache" and "cache" in kwargs:
+            kwargs[CACHE] = kwargs.pop("cache")
         return super().generate(*args, stopping_criteria=stopping_criteria, **kwargs)
 
 
