@@ -459,15 +459,21 @@ class SphinxModel(SphinxPreTrainedModel):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        past_length = cache.get_seq_length() if cache is not None else 0
         context = context_length(self.config.text_config)
-        if context is not None and past_length + inputs_embeds.shape[1] > context:
-            n_image = int((input_ids == self.config.image_token_id).sum(-1).max()) if input_ids is not None else 0
-            raise ValueError(
-                f"the sequence needs {past_length + inputs_embeds.shape[1]} positions ({n_image} of them visual "
-                f"tokens) but the model's context length is {context}; shorten the prompt or extend the context "
-                "with RoPE scaling (text_config.rope_parameters)"
-            )
+        if context is not None:
+            # the bound is per sequence: serving engines pack several sequences into one row, each with its own
+            # positions, so with `position_ids` the furthest position counts, not the row's length
+            if position_ids is not None:
+                needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
+            else:
+                needed = (cache.get_seq_length() if cache is not None else 0) + inputs_embeds.shape[1]
+            if needed > context:
+                n_image = int((input_ids == self.config.image_token_id).sum(-1).max()) if input_ids is not None else 0
+                raise ValueError(
+                    f"the sequence needs {needed} positions ({n_image} of them visual tokens) but the model's "
+                    f"context length is {context}; shorten the prompt or extend the context with RoPE scaling "
+                    "(text_config.rope_parameters)"
+                )
         image_outputs = None
         if pixel_values is not None:
             image_outputs = self.get_image_features(pixel_values, return_dict=True)

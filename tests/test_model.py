@@ -318,3 +318,22 @@ def test_device_map_auto_and_bfloat16(tiny_model_dir):
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
     out = model.generate(**inputs, max_new_tokens=2, separator_token_ids=[])
     assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+def test_context_bound_is_per_sequence_when_sequences_are_packed(tiny_model_dir):
+    """A serving engine packs sequences into one row, each with its own positions: the row may be longer than
+    the context, no sequence's positions may pass it."""
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir("sphinx-tiny")).eval()
+    context = model.config.text_config.max_position_embeddings
+    embed = model.get_input_embeddings()
+    lengths = (context - 8, 24)
+    packed = embed(torch.randint(0, 200, (1, sum(lengths)), generator=torch.Generator().manual_seed(0)))
+    positions = torch.cat([torch.arange(length) for length in lengths])[None]
+    with torch.no_grad():
+        hidden = model.model(inputs_embeds=packed, position_ids=positions, use_cache=False, return_dict=False)[0]
+        assert packed.shape[1] > context and hidden.shape == packed.shape
+        past_the_end = torch.arange(context - 23, context + 1)[None]
+        with pytest.raises(ValueError, match=rf"needs {context + 1} positions .* context length is {context}"):
+            model.model(inputs_embeds=packed[:, :24], position_ids=past_the_end)
+        with pytest.raises(ValueError, match=rf"needs {sum(lengths)} positions .* context length is {context}"):
+            model.model(inputs_embeds=packed)  # without positions the row is one sequence
