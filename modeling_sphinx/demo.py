@@ -344,7 +344,11 @@ def _publish(folder: Path, results: dict, out: Path):
     for cell, value in results["models"][results["best"]].items():
         if cell != "average":
             metric, domain = cell.split()
-            record_in_card(best, metric.lower(), f"sphinx-demo-{domain}", {metric.lower(): value["score"]})
+            # one dataset name per task: the Hub groups results by task type and dataset, and both tasks here are
+            # image-text-to-text, so a shared name would file grounding under VQA
+            record_in_card(
+                best, metric.lower(), f"sphinx-demo-{domain}-{metric.lower()}", {metric.lower(): value["score"]}
+            )
     (best / "demo_model.txt").write_text(f"{results['best']}\n")
 
 

@@ -46,6 +46,8 @@ def test_quick_demo_learns_is_deterministic_and_reuses_stages(quick_demo, tmp_pa
         assert all(c["low"] <= c["score"] <= c["high"] for c in cells.values())
     card = ModelCard.load(out / "best" / "README.md")
     assert {r.metric_type for r in card.data.eval_results} == {"vqa", "grounding"}
+    assert all(r.task_name == r.metric_type for r in card.data.eval_results)  # each result under its own task
+    assert len(card.data.eval_results) == 4
     drawn = sorted(out.glob("example_*.png"))
     assert len(drawn) == 3 and Image.open(drawn[0]).size == (WIDTH, HEIGHT)
 
