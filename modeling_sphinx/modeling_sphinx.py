@@ -248,6 +248,9 @@ class SphinxPreTrainedModel(PreTrainedModel):
 
 
 class SphinxModel(SphinxPreTrainedModel):
+    # a saved folder holds the LM head too; serving engines load the folder as `AutoModel` (this class) first
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+
     def __init__(self, config: SphinxConfig):
         super().__init__(config)
         if not config.has_fused_encoder:
