@@ -217,6 +217,22 @@ class SphinxPreTrainedModel(PreTrainedModel):
         base.freeze_vision_encoders()
         return loaded
 
+    def set_attn_implementation(self, attn_implementation):
+        """A name applies to the LLM and the Q-Former's BLIP-2 towers, the models that have attention settings.
+        Passed on as it is, transformers would also set it on the timm encoders' configs and on BLIP-2's own
+        config and unused language-model config, warning for each that it found no model for it."""
+        if not isinstance(attn_implementation, str):
+            return super().set_attn_implementation(attn_implementation)
+        name, qformer = attn_implementation, self.config.qformer_config
+        per_config = {"": name, "text_config": name}
+        if qformer is None:
+            return super().set_attn_implementation(per_config)
+        towers = {"": qformer._attn_implementation, "vision_config": name, "qformer_config": name}
+        try:
+            return super().set_attn_implementation(per_config | {"qformer_config": towers})
+        except ValueError:  # transformers 5.19 and older take no nested settings: BLIP-2's configs are named whole
+            return super().set_attn_implementation(per_config | {"qformer_config": name})
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -340,3 +340,13 @@ def test_context_bound_is_per_sequence_when_sequences_are_packed(tiny_model_dir)
             model.model(inputs_embeds=packed[:, :24], position_ids=past_the_end)
         with pytest.raises(ValueError, match=rf"needs {sum(lengths)} positions .* context length is {context}"):
             model.model(inputs_embeds=packed)  # without positions the row is one sequence
+
+
+def test_attention_implementation_switches_every_attention_model_quietly(tiny_model_dir, capfd):
+    model = AutoModel.from_pretrained(tiny_model_dir("sphinx-1k"))
+    towers = (model.language_model, model.qformer.vision_model, model.qformer.qformer)
+    for name in ("eager", "sdpa"):
+        capfd.readouterr()
+        model.set_attn_implementation(name)
+        assert "without finding the associated sub-model" not in capfd.readouterr().err
+        assert {tower.config._attn_implementation for tower in towers} == {name}
