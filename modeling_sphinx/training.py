@@ -86,7 +86,6 @@ class SphinxTuningArguments:
 
 
 @dataclass
-@dataclass
 class SphinxDataCollator(DataCollatorForVisionLanguageModeling):
     """TRL's vision collator that never supervises `<image>` positions and refuses samples too long to keep.
 
