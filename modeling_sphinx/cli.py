@@ -77,6 +77,7 @@ def _cmd_eval(args):
         limit=args.limit,
         max_new_tokens=args.max_new_tokens,
         resume=args.resume,
+        prompt_template=args.prompt_template,
     )
     print(json.dumps(results, indent=2))
     print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
@@ -235,13 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="score a model on one task over local data")
     evaluate.add_argument("model", help="model folder or Hub id")
-    evaluate.add_argument("--task", required=True, help="vqa, vizwiz, multiple_choice, pope or rec")
+    evaluate.add_argument("--task", required=True, help="vqa, vizwiz, multiple_choice, pope, rec, region_caption or detection")
     evaluate.add_argument("--data", required=True, help="JSONL, JSON or Parquet file, or a datasets folder")
     evaluate.add_argument("--out", help="output folder (default runs/eval/MODEL-TASK)")
     evaluate.add_argument("--batch-size", type=int, default=4)
     evaluate.add_argument("--limit", type=int, help="only the first N rows")
     evaluate.add_argument("--max-new-tokens", type=int, default=64)
     evaluate.add_argument("--resume", action="store_true", help="continue an interrupted run in the same --out")
+    evaluate.add_argument(
+        "--prompt-template",
+        help="one instruction with a {content} field in place of the task's own (as the model was tuned with)",
+    )
     evaluate.add_argument("--record-in-card", action="store_true", help="add the metrics to the folder's model card")
     evaluate.add_argument("--dataset-name", help="name for the card's model-index (default: the data file's name)")
     _add_loading_arguments(evaluate)

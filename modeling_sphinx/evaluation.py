@@ -14,6 +14,11 @@ it) and writes `metrics.json` from every line. Images are paths (relative to the
 | `multiple_choice` | `image`, `question`, `options` (list), `answer` (letter) | options as `A. ...` lines | accuracy |
 | `pope` | `image`, `question`, `answer` (yes/no) | `vqa_short` | accuracy, precision, recall, F1, yes-ratio |
 | `rec` | `image`, `expression`, `box` `[x1,y1,x2,y2]` or COCO `bbox` (pixels) | `referring_expression` | Acc@IoU>=0.5, mean IoU |
+| `region_caption` | `image`, `box` or `bbox`, `expression` (the region's words) | `region_caption` | exact match (VQA normalisation) |
+| `detection` | `image`, `category`, `boxes` (all of the category, pixels) | `detection` | exact box sets, precision, recall at IoU>=0.5 |
+
+`prompt_template` replaces every task's instruction by one with a `{content}` field (see
+`tasks_sphinx.task_prompt`), to evaluate a model tuned with that template.
 """
 
 import json
@@ -23,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import metrics
-from .data import open_image, read_rows, record_box
-from .processing.tasks_sphinx import TASK_INSTRUCTIONS
+from .data import open_image, pixel_box, read_rows, record_box
+from .processing.tasks_sphinx import check_prompt_template, format_box, task_prompt
 
 MULTIPLE_CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
 
@@ -34,7 +39,7 @@ class EvalTask:
     """How a task asks, reads the answer, scores one sample and aggregates."""
 
     columns: tuple[tuple[str, ...], ...]  # each entry: one of these column names must be present
-    prompt: Callable[[dict], str]
+    prompt: Callable[[dict, tuple[int, int], str, str | None], str]  # (row, (height, width), where, template)
     parse: Callable[[str, dict, tuple[int, int]], object]
     target: Callable[[dict, tuple[int, int], str], object]  # (row, (height, width), where the row is)
     score: Callable[[object, object], float]
@@ -55,7 +60,7 @@ def _mean_score(name: str) -> Callable[[list[dict]], dict[str, float]]:
 def _vqa(instruction: str) -> EvalTask:
     return EvalTask(
         columns=(("image",), ("question",), ("answer", "answers")),
-        prompt=lambda row: TASK_INSTRUCTIONS[instruction].format(question=row["question"]),
+        prompt=lambda row, size, where, template: task_prompt(instruction, template, question=row["question"]),
         parse=lambda answer, row, size: answer.strip(),
         target=lambda row, size, where: _answers(row),
         score=metrics.vqa_accuracy,
@@ -63,9 +68,25 @@ def _vqa(instruction: str) -> EvalTask:
     )
 
 
-def _multiple_choice_prompt(row: dict) -> str:
+def _multiple_choice_prompt(row: dict, size: tuple[int, int], where: str, template: str | None) -> str:
     options = "\n".join(f"{chr(ord('A') + i)}. {option}" for i, option in enumerate(row["options"]))
-    return f"{row['question']}\n{options}\n{MULTIPLE_CHOICE_SUFFIX}"
+    content = f"{row['question']}\n{options}"
+    return f"{content}\n{MULTIPLE_CHOICE_SUFFIX}" if template is None else template.format(content=content)
+
+
+def _rec_prompt(row: dict, size: tuple[int, int], where: str, template: str | None) -> str:
+    return task_prompt("referring_expression", template, expression=str(row["expression"]).rstrip("."))
+
+
+def _region_caption_prompt(row: dict, size: tuple[int, int], where: str, template: str | None) -> str:
+    return task_prompt("region_caption", template, box=format_box(record_box(row, size, where), size))
+
+
+def _boxes_target(row: dict, size: tuple[int, int], where: str) -> list[list[float]]:
+    boxes = row["boxes"]
+    if not isinstance(boxes, list) or not boxes:
+        raise ValueError(f"{where}: 'boxes' is a non-empty list of [x1, y1, x2, y2] boxes, got {boxes!r}")
+    return [pixel_box(box, size, where) for box in boxes]
 
 
 EVAL_TASKS: dict[str, EvalTask] = {
@@ -81,7 +102,7 @@ EVAL_TASKS: dict[str, EvalTask] = {
     ),
     "pope": EvalTask(
         columns=(("image",), ("question",), ("answer",)),
-        prompt=lambda row: TASK_INSTRUCTIONS["vqa_short"].format(question=row["question"]),
+        prompt=lambda row, size, where, template: task_prompt("vqa_short", template, question=row["question"]),
         parse=lambda answer, row, size: metrics.yes_or_no(answer),
         target=lambda row, size, where: str(row["answer"]).strip().lower(),
         score=lambda parsed, target: float(parsed == target),
@@ -89,13 +110,27 @@ EVAL_TASKS: dict[str, EvalTask] = {
     ),
     "rec": EvalTask(
         columns=(("image",), ("expression",), ("box", "bbox")),
-        prompt=lambda row: TASK_INSTRUCTIONS["referring_expression"].format(
-            expression=str(row["expression"]).rstrip(".")
-        ),
+        prompt=_rec_prompt,
         parse=lambda answer, row, size: metrics.predicted_box(answer, size),
         target=record_box,
         score=lambda parsed, target: metrics.box_iou(parsed, target) if parsed is not None else 0.0,
         aggregate=lambda rows: metrics.rec_metrics([r["parsed"] for r in rows], [r["target"] for r in rows]),
+    ),
+    "region_caption": EvalTask(
+        columns=(("image",), ("box", "bbox"), ("expression",)),
+        prompt=_region_caption_prompt,
+        parse=lambda answer, row, size: answer.strip(),
+        target=lambda row, size, where: str(row["expression"]),
+        score=lambda parsed, target: metrics.vqa_accuracy(parsed, [target]),
+        aggregate=_mean_score("exact_match"),
+    ),
+    "detection": EvalTask(
+        columns=(("image",), ("category",), ("boxes",)),
+        prompt=lambda row, size, where, template: task_prompt("detection", template, category=row["category"]),
+        parse=lambda answer, row, size: metrics.predicted_boxes(answer, size),
+        target=_boxes_target,
+        score=lambda parsed, target: float(metrics.matched_boxes(parsed, target) == len(parsed) == len(target)),
+        aggregate=lambda rows: metrics.detection_metrics([r["parsed"] for r in rows], [r["target"] for r in rows]),
     ),
 }
 
@@ -148,6 +183,7 @@ def evaluate(
     max_new_tokens: int = 64,
     resume: bool = False,
     progress: bool = True,
+    prompt_template: str | None = None,
 ) -> dict[str, float]:
     """Evaluate `model` on one task; returns the metrics also written to `out_dir/metrics.json`."""
     from tqdm.auto import tqdm
@@ -157,6 +193,8 @@ def evaluate(
     if task not in EVAL_TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(EVAL_TASKS)}")
     spec = EVAL_TASKS[task]
+    if prompt_template is not None:
+        check_prompt_template(prompt_template)
     rows, root = load_rows(data)
     _check_columns(spec, rows, Path(data))
     rows = rows[:limit] if limit is not None else rows
@@ -182,10 +220,10 @@ def evaluate(
                 size = (image.height, image.width)
                 try:
                     targets.append(spec.target(row, size, where))
+                    prompts.append(spec.prompt(row, size, where, prompt_template))
                 except KeyError as error:
                     raise ValueError(f"{where}: the record has no {error}") from None
                 images.append(image)
-                prompts.append(spec.prompt(row))
             conversations = [[user_turn(prompt, image)] for image, prompt in zip(images, prompts, strict=True)]
             answers = generate_answers(model, processor, conversations, max_new_tokens=max_new_tokens, do_sample=False)
             for (index, row), image, prompt, answer, target in zip(

@@ -180,6 +180,42 @@ def rec_metrics(predictions: list[list[float] | None], targets: list[list[float]
     return {"acc@0.5": sum(iou >= 0.5 for iou in ious) / len(ious), "mean_iou": sum(ious) / len(ious)}
 
 
+def predicted_boxes(answer: str, image_size: tuple[int, int]) -> list[list[float]]:
+    """Every box of a SPHINX answer, in pixels of the `(height, width)` image (un-padded)."""
+    return parse_grounding(answer, image_size).boxes
+
+
+def matched_boxes(predictions: list[list[float]], targets: list[list[float]], threshold: float = 0.5) -> int:
+    """How many targets a prediction claims at IoU >= `threshold`, each prediction claiming at most one target
+    (greedily, highest IoU first)."""
+    pairs = sorted(
+        ((box_iou(p, t), i, j) for i, p in enumerate(predictions) for j, t in enumerate(targets)), reverse=True
+    )
+    claimed, found = set(), set()
+    for iou, i, j in pairs:
+        if iou >= threshold and i not in claimed and j not in found:
+            claimed.add(i)
+            found.add(j)
+    return len(found)
+
+
+def detection_metrics(predictions: list[list[list[float]]], targets: list[list[list[float]]]) -> dict[str, float]:
+    """Detection without confidences (SPHINX lists boxes, it does not score them), per image and category at
+    IoU >= 0.5: the share of samples whose boxes are exactly the true ones, and box precision and recall."""
+    if len(predictions) != len(targets) or not targets:
+        raise ValueError(
+            f"detection_metrics needs as many predictions as targets, got {len(predictions)} and {len(targets)}"
+        )
+    matched = [matched_boxes(p, t) for p, t in zip(predictions, targets, strict=True)]
+    exact = [m == len(p) == len(t) for m, p, t in zip(matched, predictions, targets, strict=True)]
+    predicted = sum(len(p) for p in predictions)
+    return {
+        "exact": sum(exact) / len(exact),
+        "precision": sum(matched) / predicted if predicted else 0.0,
+        "recall": sum(matched) / sum(len(t) for t in targets),
+    }
+
+
 def coco_average_precision(ground_truth: dict, detections: list[dict], iou_type: str = "bbox") -> dict[str, float]:
     """COCO AP, AP50 and AP75 of `detections` (COCO result dicts) against a COCO annotation dict, by pycocotools."""
     try:

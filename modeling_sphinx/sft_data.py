@@ -34,11 +34,12 @@ import yaml
 
 from .data import DataError, image_file, pixel_box, read_rows, record_box, xywh_to_xyxy
 from .processing.tasks_sphinx import (
-    TASK_INSTRUCTIONS,
+    check_prompt_template,
     format_box,
     format_boxes,
     format_grounded,
     format_keypoints,
+    task_prompt,
 )
 
 
@@ -67,6 +68,10 @@ def sample(image: Path, turns: list[tuple[str, str]], task: str, record_id: str)
         messages.append({"role": "user", "content": content})
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return {"messages": messages, "images": [str(image)], "task": task, "id": record_id}
+
+
+def _prompt(source: Source, instruction: str, **fields) -> str:
+    return task_prompt(instruction, source.options.get("prompt_template"), **fields)
 
 
 def _field(row: dict, key: str, where: str):
@@ -103,7 +108,7 @@ def build_vqa(source: Source) -> Iterator[dict]:
         instruction = row.get("instruction") or source.options.get("instruction", "vqa_short")
         if instruction not in ("vqa_short", "vqa_vizwiz"):
             raise DataError(f"{where}: instruction must be vqa_short or vqa_vizwiz, got {instruction!r}")
-        question = TASK_INSTRUCTIONS[instruction].format(question=_field(row, "question", where))
+        question = _prompt(source, instruction, question=_field(row, "question", where))
         answer = str(_field(row, "answer", where))
         yield sample(image, [(question, answer)], "vqa", f"{source.label()}#{row.get('id', index)}")
 
@@ -149,7 +154,7 @@ def build_detection(source: Source) -> Iterator[dict]:
         where = f"{source.path}, image {image['id']}"
         path, size = _image(source, image["file_name"], where)
         for name, boxes in _boxes_by_category(annotations, categories, where, size).items():
-            question = TASK_INSTRUCTIONS["detection"].format(category=name)
+            question = _prompt(source, "detection", category=name)
             record = f"{source.label()}#{image['id']}/{name}"
             yield sample(path, [(question, format_boxes(boxes, size))], "detection", record)
 
@@ -163,7 +168,7 @@ def build_grounded_caption(source: Source) -> Iterator[dict]:
         path, size = _image(source, image["file_name"], where)
         grouped = _boxes_by_category(annotations, categories, where, size)
         answer = format_grounded(list(grouped.items()), size)
-        question = TASK_INSTRUCTIONS["grounded_caption"]
+        question = _prompt(source, "grounded_caption")
         yield sample(path, [(question, answer)], "grounded_caption", f"{source.label()}#{image['id']}")
 
 
@@ -183,7 +188,7 @@ def build_keypoints(source: Source) -> Iterator[dict]:
                     x, y = points[3 * joint : 3 * joint + 2]
                     if not (0 <= x <= size[1] and 0 <= y <= size[0]):
                         raise DataError(f"{at}: keypoint {joint} ({x:g}, {y:g}) is outside the image")
-            question = TASK_INSTRUCTIONS["keypoints"].format(box=format_box(box, size))
+            question = _prompt(source, "keypoints", box=format_box(box, size))
             try:
                 answer = format_keypoints(points, size)
             except ValueError as error:
@@ -204,7 +209,7 @@ def build_referring_expression(source: Source) -> Iterator[dict]:
     """Referring-expression grounding: the expression in the prompt, its box as the answer."""
     for path, size, box, expressions, record in _referring_records(source):
         for number, expression in enumerate(expressions):
-            question = TASK_INSTRUCTIONS["referring_expression"].format(expression=expression.rstrip("."))
+            question = _prompt(source, "referring_expression", expression=expression.rstrip("."))
             yield sample(path, [(question, format_box(box, size))], "referring_expression", f"{record}/{number}")
 
 
@@ -212,7 +217,7 @@ def build_region_caption(source: Source) -> Iterator[dict]:
     """Region captioning: the box in the prompt, the expression as the answer."""
     for path, size, box, expressions, record in _referring_records(source):
         for number, expression in enumerate(expressions):
-            question = TASK_INSTRUCTIONS["region_caption"].format(box=format_box(box, size))
+            question = _prompt(source, "region_caption", box=format_box(box, size))
             yield sample(path, [(question, expression)], "region_caption", f"{record}/{number}")
 
 
@@ -223,7 +228,7 @@ def build_text_detection(source: Source) -> Iterator[dict]:
         path, size = _image(source, _field(row, "image", where), where)
         texts = _field(row, "texts", where)
         phrases = [(str(_field(t, "text", where)), [pixel_box(_field(t, "box", where), size, where)]) for t in texts]
-        question = TASK_INSTRUCTIONS["text_detection"]
+        question = _prompt(source, "text_detection")
         answer = format_grounded(phrases, size)
         yield sample(path, [(question, answer)], "text_detection", f"{source.label()}#{row.get('id', index)}")
 
@@ -233,7 +238,7 @@ def build_chart_to_table(source: Source) -> Iterator[dict]:
     for index, row in enumerate(read_rows(source.path)):
         where = f"{source.path}, record {index}"
         path, _ = _image(source, _field(row, "image", where), where)
-        question = TASK_INSTRUCTIONS["chart_to_table"]
+        question = _prompt(source, "chart_to_table")
         answer = str(_field(row, "table", where))
         yield sample(path, [(question, answer)], "chart_to_table", f"{source.label()}#{row.get('id', index)}")
 
@@ -266,6 +271,10 @@ def read_mixture(mixture: str | Path | dict) -> tuple[list[Source], int]:
       - {task: vqa, path: vqa.jsonl, image_root: images, weight: 2}
       - {task: referring_expression, path: refcoco.jsonl, image_root: images}
     ```
+
+    A source's `options` may hold `prompt_template`: one instruction with a `{content}` field that replaces the
+    task's own (`{content}` gets the question, expression, box or category), e.g. to measure what the
+    task-specific instructions buy; evaluate such a model with the same `prompt_template`.
     """
     base = Path.cwd()
     if not isinstance(mixture, dict):
@@ -289,6 +298,12 @@ def read_mixture(mixture: str | Path | dict) -> tuple[list[Source], int]:
         weight = float(entry.get("weight", 1.0))
         if weight <= 0:
             raise DataError(f"mixture source {entry}: weight must be positive, got {weight}")
+        options = entry.get("options") or {}
+        if "prompt_template" in options:
+            try:
+                check_prompt_template(options["prompt_template"])
+            except ValueError as error:
+                raise DataError(f"mixture source {entry}: {error}") from None
         root = entry.get("image_root")
         sources.append(
             Source(
@@ -297,7 +312,7 @@ def read_mixture(mixture: str | Path | dict) -> tuple[list[Source], int]:
                 image_root=base / root if root is not None else None,
                 weight=weight,
                 name=entry.get("name"),
-                options=entry.get("options") or {},
+                options=options,
             )
         )
     return sources, int(mixture.get("seed", 0))

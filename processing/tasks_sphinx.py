@@ -70,6 +70,29 @@ TASK_INSTRUCTIONS: dict[str, str] = {
     "general_qa": "What's in the image?",
 }
 
+GENERIC_FIELD = "{content}"
+
+
+def task_prompt(instruction: str, template: str | None = None, **fields) -> str:
+    """The prompt of a task: `TASK_INSTRUCTIONS[instruction]` filled with `fields`, or, given a `template` (one
+    instruction for every task, with a `{content}` field), that template filled with the task's fields joined by
+    spaces. The template is what an ablation of the task-specific instructions trains and evaluates with."""
+    if template is None:
+        return TASK_INSTRUCTIONS[instruction].format(**fields)
+    return template.format(content=" ".join(str(value) for value in fields.values()))
+
+
+def check_prompt_template(template: str) -> str:
+    """`template` if it is one instruction with a single `{content}` field, else a ValueError naming the problem."""
+    if not isinstance(template, str) or GENERIC_FIELD not in template:
+        raise ValueError(f"a prompt template is a string with a {GENERIC_FIELD} field, got {template!r}")
+    try:
+        template.format(content="")
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(f"prompt template {template!r}: only {GENERIC_FIELD} may be a field ({error!r})") from None
+    return template
+
+
 # COCO-17 joints in COCO's order, named as the SPHINX demo draws them.
 COCO_KEYPOINTS = (
     "nose",
@@ -228,6 +251,8 @@ __all__ = [
     "SEPARATOR",
     "CHAT_TEMPLATE",
     "TASK_INSTRUCTIONS",
+    "task_prompt",
+    "check_prompt_template",
     "GroundedEntity",
     "GroundedText",
     "COCO_KEYPOINTS",

@@ -154,6 +154,53 @@ def test_oracle_scores_one_and_silence_scores_zero(eval_world, tiny_model_dir, t
     assert json.loads((tmp_path / "rec" / "metrics.json").read_text())["metrics"]["acc@0.5"] == 1.0
 
 
+def test_detection_counts_exact_box_sets_and_greedy_matches():
+    truth = [[0, 0, 10, 10], [20, 0, 30, 10]]
+    assert metrics.matched_boxes([[0, 0, 10, 10], [0, 0, 10, 10]], truth) == 1  # one prediction claims one box
+    assert metrics.matched_boxes([[21, 0, 30, 10], [0, 0, 10, 9]], truth) == 2
+    result = metrics.detection_metrics([[[0, 0, 10, 10]], [[0, 0, 10, 10], [50, 50, 60, 60]], []], [truth[:1]] * 3)
+    # exact on the first sample only; 2 of 3 predicted boxes are right; 2 of 3 true boxes found
+    assert result == {"exact": pytest.approx(1 / 3), "precision": pytest.approx(2 / 3), "recall": pytest.approx(2 / 3)}
+
+
+def test_region_caption_and_detection_tasks_score_an_oracle(eval_world, tiny_model_dir, tmp_path):
+    root, rows = eval_world
+    processor = AutoProcessor.from_pretrained(tiny_model_dir("sphinx"))
+    region = {format_box(r["box"], WIDE): r["expression"] for r in rows if r["id"].endswith("colour")}
+    result = evaluate(
+        ScriptedModel(processor, region), processor, "region_caption", root / "rows.jsonl", tmp_path / "rc",
+        progress=False,
+    )  # fmt: skip
+    assert result == {"exact_match": 0.5, "samples": 6}  # "the red box" is not "the red square"
+    detections = [{"id": r["id"], "image": r["image"], "category": r["id"].split("-")[0], "boxes": [r["box"]]}
+                  for r in rows[::2]]  # fmt: skip
+    (root / "detections.jsonl").write_text("".join(json.dumps(d) + "\n" for d in detections))
+    answers = {"Detect all red": format_box(rows[0]["box"], WIDE), "Detect all blue": "[0.00,0.00,0.10,0.10]"}
+    result = evaluate(
+        ScriptedModel(processor, answers), processor, "detection", root / "detections.jsonl", tmp_path / "det",
+        progress=False,
+    )  # fmt: skip
+    assert result == {"exact": pytest.approx(1 / 3), "precision": 0.5, "recall": pytest.approx(1 / 3), "samples": 3}
+
+
+def test_a_prompt_template_replaces_every_tasks_instruction(eval_world, tiny_model_dir, tmp_path, capsys):
+    root, rows = eval_world
+    processor = AutoProcessor.from_pretrained(tiny_model_dir("sphinx"))
+    template = "About the image: {content}"
+    answers = {f"About the image: {r['expression']}": format_box(r["box"], WIDE) for r in rows}
+    result = evaluate(
+        ScriptedModel(processor, answers), processor, "rec", root / "rows.jsonl", tmp_path / "generic",
+        prompt_template=template, progress=False,
+    )  # fmt: skip
+    assert result["acc@0.5"] == 1.0
+    prompts = [json.loads(line)["prompt"] for line in (tmp_path / "generic" / "predictions.jsonl").open()]
+    assert prompts[0] == "About the image: the red box"
+    folder, data = str(tiny_model_dir("sphinx")), str(root / "rows.jsonl")
+    args = ["eval", folder, "--task", "vqa", "--data", data, "--out", str(tmp_path / "bad")]
+    assert main(args + ["--prompt-template", "About {thing}"]) == 2
+    assert "a prompt template is a string with a {content} field, got 'About {thing}'" in capsys.readouterr().err
+
+
 def test_a_crash_keeps_the_predictions_and_resume_continues(eval_world, tiny_model_dir, tmp_path):
     root, rows = eval_world
     processor = AutoProcessor.from_pretrained(tiny_model_dir("sphinx"))
@@ -214,7 +261,8 @@ def test_bad_eval_input_is_named(eval_world, tiny_model_dir, tmp_path, capsys):
     folder = str(tiny_model_dir("sphinx"))
     data = str(root / "rows.jsonl")
     assert main(["eval", folder, "--task", "captioning", "--data", data, "--out", str(tmp_path / "a")]) == 2
-    assert "unknown task 'captioning'; known: vqa, vizwiz, multiple_choice, pope, rec" in capsys.readouterr().err
+    known = "known: vqa, vizwiz, multiple_choice, pope, rec, region_caption, detection"
+    assert f"unknown task 'captioning'; {known}" in capsys.readouterr().err
     assert main(["eval", folder, "--task", "multiple_choice", "--data", data, "--out", str(tmp_path / "b")]) == 2
     assert "missing columns ['options']" in capsys.readouterr().err
     broken = tmp_path / "broken.jsonl"

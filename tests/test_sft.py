@@ -1,5 +1,6 @@
 """Multi-task SFT: task formats and datasets, the collator's labels, and the TRL recipes end to end (issue 9)."""
 
+import dataclasses
 import json
 import os
 import re
@@ -232,6 +233,29 @@ def _mixture(tmp_path, entries):
     path = tmp_path / "mixture.yaml"
     path.write_text(yaml.safe_dump({"sources": entries}))
     return path
+
+
+def test_a_prompt_template_replaces_each_tasks_instruction(world, tmp_path):
+    sources, _ = read_mixture(world / "mixture.yaml")
+    template = {"prompt_template": "About the image: {content}"}
+    prompts = {
+        source.task: _turns(next(build_samples(dataclasses.replace(source, options=template))))[0][0]
+        for source in sources
+        if source.task != "conversations"  # a conversation's turns are its own
+    }
+    assert prompts["vqa"] == "About the image: What colour is the box?"
+    assert prompts["referring_expression"] == "About the image: the red box"
+    assert prompts["region_caption"] == "About the image: [0.10,0.30,0.60,0.55]"
+    assert prompts["detection"] == "About the image: person"
+    assert prompts["chart_to_table"] == "About the image: "  # a task without fields keeps only the template
+    entry = {"task": "vqa", "path": str(world / "vqa.jsonl"), "options": {"prompt_template": "About {what}"}}
+    with pytest.raises(
+        DataError, match=r"a prompt template is a string with a \{content\} field, got 'About \{what\}'"
+    ):
+        read_mixture(_mixture(tmp_path, [entry]))
+    entry["options"] = {"prompt_template": "{content} and {other}"}
+    with pytest.raises(DataError, match=r"only \{content\} may be a field"):
+        read_mixture(_mixture(tmp_path, [entry]))
 
 
 def test_bad_data_is_named(world, tmp_path):
