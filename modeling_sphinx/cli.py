@@ -100,6 +100,13 @@ def _cmd_demo(args):
         print(json.dumps({"metrics": manifest["metrics"], "at random init": manifest["metrics_at_random_init"]}))
         print(f"wrote the pretrained parts to {out} in {manifest['seconds']:.0f} s")
         return
+    if args.ablations:
+        from .ablations import format_ablations, run_ablations
+
+        run_ablations(args.out, quick=args.quick, force=args.force, seed=args.seed)
+        print(format_ablations(json.loads((Path(args.out) / "ablations" / "results.json").read_text())))
+        print(f"tables, plots and results: {Path(args.out) / 'ablations'}/report.md, *.png, results.json")
+        return
     from .demo import format_report, run_demo
 
     results = run_demo(args.out, quick=args.quick, force=args.force, seed=args.seed)
@@ -236,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="score a model on one task over local data")
     evaluate.add_argument("model", help="model folder or Hub id")
-    evaluate.add_argument("--task", required=True, help="vqa, vizwiz, multiple_choice, pope, rec, region_caption or detection")
+    evaluate.add_argument(
+        "--task", required=True, help="vqa, vizwiz, multiple_choice, pope, rec, region_caption or detection"
+    )
     evaluate.add_argument("--data", required=True, help="JSONL, JSON or Parquet file, or a datasets folder")
     evaluate.add_argument("--out", help="output folder (default runs/eval/MODEL-TASK)")
     evaluate.add_argument("--batch-size", type=int, default=4)
@@ -263,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smaller world and fewer steps (for tests)")
     demo.add_argument("--force", action="store_true", help="redo every stage instead of reusing finished ones")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--ablations",
+        action="store_true",
+        help="the paper's task-mix and visual-embedding-mix ablations (reuses the main job's stages in --out)",
+    )
     demo.set_defaults(func=_cmd_demo)
 
     push = commands.add_parser("push", help="upload a model folder to the Hub with a rendered model card")

@@ -32,9 +32,10 @@ import json
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .pretrain import ENCODERS
 from .processing.tasks_sphinx import TASK_INSTRUCTIONS
 from .world import DOMAINS, SHAPES, caption, render
 
@@ -45,6 +46,7 @@ class Budget:
 
     train_images: int  # per domain
     eval_images: int  # per domain: 1.5 VQA questions and 1 grounding question each
+    ablation_eval_images: int  # per domain, for `--ablations`: 1.5 VQA, 1 grounding, 1 region, 1.4 detection
     caption_steps: int  # stage 1, per domain
     task_steps: int  # stage 2, per start
     beta: float = 0.5
@@ -55,8 +57,9 @@ class Budget:
 
 # 6.9 min on 2 idle CPU cores (2026-12-02). Stage 1's caption loss is flat after about 100 steps, so stage 2 gets
 # the time: at 250 / 500 steps with tasks sampled 2 : 2 : 1 : 1 grounding stayed at 0.07 / 0.12.
-FULL = Budget(train_images=800, eval_images=200, caption_steps=150, task_steps=600)
-QUICK = Budget(train_images=64, eval_images=8, caption_steps=12, task_steps=16)
+# 400 held-out images put every cell's 95 % interval within +-0.05 (+-0.049 at a score of 0.5).
+FULL = Budget(train_images=800, eval_images=200, ablation_eval_images=400, caption_steps=150, task_steps=600)
+QUICK = Budget(train_images=64, eval_images=8, ablation_eval_images=8, caption_steps=12, task_steps=16)
 
 
 def write_split(root: Path, domain: str, first_seed: int, count: int) -> Path:
@@ -66,7 +69,7 @@ def write_split(root: Path, domain: str, first_seed: int, count: int) -> Path:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     (folder / "images").mkdir(parents=True)
-    vqa, grounding, captions = [], [], []
+    vqa, grounding, captions, detections = [], [], [], []
     coco = {"images": [], "annotations": [], "categories": [{"id": i, "name": k} for i, k in enumerate(SHAPES)]}
     for seed in range(first_seed, first_seed + count):
         image, shapes, dot = render(seed, domain)
@@ -85,11 +88,14 @@ def write_split(root: Path, domain: str, first_seed: int, count: int) -> Path:
         captions.append({"id": f"{seed}", "image": name, "conversations": turns})
         coco["images"].append({"id": seed, "file_name": name, "width": image.width, "height": image.height})
         for shape in shapes:
+            detections.append({"id": f"{seed}-{shape['kind']}", "image": name, "category": shape["kind"],
+                               "boxes": [shape["box"]]})  # fmt: skip
             x1, y1, x2, y2 = shape["box"]
             coco["annotations"].append({"id": len(coco["annotations"]), "image_id": seed, "iscrowd": 0,
                                         "category_id": SHAPES.index(shape["kind"]), "area": (x2 - x1) * (y2 - y1),
                                         "bbox": [x1, y1, x2 - x1, y2 - y1]})  # fmt: skip
-    for name, rows in (("vqa.jsonl", vqa), ("grounding.jsonl", grounding), ("captions.jsonl", captions)):
+    files = {"vqa.jsonl": vqa, "grounding.jsonl": grounding, "captions.jsonl": captions, "detection.jsonl": detections}
+    for name, rows in files.items():
         (folder / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
     (folder / "detection.json").write_text(json.dumps(coco))
     (folder / "done").write_text("")
@@ -108,12 +114,14 @@ TASK_FILES = {
 }
 
 
-def mixture_file(path: Path, splits: list[Path], weights: dict[str, int]) -> Path:
-    """A task-mixture YAML at `path` over the splits' task files, each task sampled with its weight."""
+def mixture_file(path: Path, splits: list[Path], weights: dict[str, int], prompt_template: str | None = None) -> Path:
+    """A task-mixture YAML at `path` over the splits' task files, each task sampled with its weight (and every
+    instruction replaced by `prompt_template` when given)."""
     import yaml
 
+    options = {"options": {"prompt_template": prompt_template}} if prompt_template is not None else {}
     sources = [
-        {"task": task, "path": str(split / TASK_FILES[task]), "image_root": str(split), "weight": weight}
+        {"task": task, "path": str(split / TASK_FILES[task]), "image_root": str(split), "weight": weight, **options}
         for split in splits
         for task, weight in weights.items()
     ]
@@ -160,9 +168,9 @@ def _train(model: Path, mixture: Path, out: Path, steps: int, learning_rate: flo
     return train(args, config, progress=stage)
 
 
-def init_from_parts(out: Path, seed: int) -> Path:
-    """The miniature with the package's pretrained parts (encoders and LLM); the projector and the start/end
-    embeddings keep their random initialisation from `seed`, for stage 1 to train."""
+def init_from_parts(out: Path, seed: int, encoders: tuple[str, ...] = ENCODERS) -> Path:
+    """The miniature with the package's pretrained parts (its `encoders` and the LLM); the projector and the
+    start/end embeddings keep their random initialisation from `seed`, for stage 1 to train."""
     from .build import save_model_folder
     from .inference import load_pretrained
     from .pretrain import init_miniature, load_parts
@@ -170,7 +178,8 @@ def init_from_parts(out: Path, seed: int) -> Path:
     if (out / "config.json").is_file():
         return out
     with tempfile.TemporaryDirectory() as scratch:
-        processor, model = load_pretrained(str(init_miniature(Path(scratch) / "random", seed)), dtype="float32")
+        random_init = init_miniature(Path(scratch) / "random", seed, encoders)
+        processor, model = load_pretrained(str(random_init), dtype="float32")
     load_parts(model)
     return save_model_folder(model, processor, out, provenance={"kind": "pretrained parts"})
 
@@ -196,17 +205,41 @@ def weight_mix(real: Path, synthetic: Path, beta: float, out: Path) -> Path:
     return mix(recipe, out)
 
 
-def task_stage(model: Path, splits: list[Path], out: Path, budget: Budget, stage: str, weights=TASK_WEIGHTS) -> Path:
-    """Stage 2: multi-task instruction tuning on `splits`, each task with its own instruction."""
-    mixture = mixture_file(out.parent / f"{out.name}.yaml", splits, weights)
-    return _train(model, mixture, out, budget.task_steps, budget.task_learning_rate, budget, stage)
+def task_stage(
+    model: Path,
+    splits: list[Path],
+    out: Path,
+    budget: Budget,
+    stage: str,
+    weights: dict[str, int] = TASK_WEIGHTS,
+    steps: int | None = None,
+    prompt_template: str | None = None,
+) -> Path:
+    """Stage 2: multi-task instruction tuning on `splits` for `steps` (the budget's by default), each task with
+    its own instruction (or all with `prompt_template`)."""
+    mixture = mixture_file(out.parent / f"{out.name}.yaml", splits, weights, prompt_template)
+    steps = budget.task_steps if steps is None else steps
+    return _train(model, mixture, out, steps, budget.task_learning_rate, budget, stage)
 
 
 # (eval task, file, longest answer in tokens): a box is about 20 tokens of the miniature's tokenizer
 EVALUATIONS = {"VQA": ("vqa", "vqa.jsonl", 8), "grounding": ("rec", "grounding.jsonl", 32)}
+# the ablations score every task stage 2 trains: a region's words, and a category's boxes (one per image here)
+EVERY_TASK = {
+    **EVALUATIONS,
+    "region-caption": ("region_caption", "grounding.jsonl", 8),
+    "detection": ("detection", "detection.jsonl", 48),
+}
 
 
-def score(model_dir: Path, splits: dict[str, Path], out: Path, stage: str) -> dict[str, list[float]]:
+def score(
+    model_dir: Path,
+    splits: dict[str, Path],
+    out: Path,
+    stage: str,
+    evaluations: dict[str, tuple[str, str, int]] = EVALUATIONS,
+    prompt_template: str | None = None,
+) -> dict[str, list[float]]:
     """Per-question outcomes (1 right, 0 wrong; a box is right at IoU >= 0.5) of every task on every domain's
     held-out split, in question order: `{"VQA real": [...], "grounding real": [...], ...}`."""
     from tqdm.auto import tqdm
@@ -214,19 +247,19 @@ def score(model_dir: Path, splits: dict[str, Path], out: Path, stage: str) -> di
     from .evaluation import evaluate
     from .inference import load_pretrained
 
-    cells = [(name, domain) for domain in splits for name in EVALUATIONS]
-    total = sum(_questions(splits[domain] / EVALUATIONS[name][1]) for name, domain in cells)
+    cells = [(name, domain) for domain in splits for name in evaluations]
+    total = sum(_questions(splits[domain] / evaluations[name][1]) for name, domain in cells)
     outcomes, processor, model = {}, None, None
     with tqdm(total=total, desc=stage, dynamic_ncols=True) as bar:
         for name, domain in cells:
-            task, data, longest = EVALUATIONS[name]
+            task, data, longest = evaluations[name]
             folder = out / f"{domain}-{task}"
             if not (folder / "metrics.json").is_file():
                 shutil.rmtree(folder, ignore_errors=True)
                 if model is None:
                     processor, model = load_pretrained(str(model_dir), dtype="float32")
                 evaluate(model, processor, task, splits[domain] / data, folder, batch_size=32,
-                         max_new_tokens=longest, progress=False)  # fmt: skip
+                         max_new_tokens=longest, progress=False, prompt_template=prompt_template)  # fmt: skip
             records = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
             # a grounding record's score is its IoU (0 for an answer without a box); a hit is IoU >= 0.5
             hits = [float(r["score"] >= 0.5) if task == "rec" else float(r["score"]) for r in records]
@@ -266,7 +299,7 @@ def compare(first: dict[str, list[float]], second: dict[str, list[float]]) -> di
 
 
 @contextmanager
-def _only_stage_progress():
+def only_stage_progress():
     """No progress bars but the stages' own while the demo runs: loading, saving and dataset preparation are
     quick and would bury the stages' bars and the tables."""
     import datasets
@@ -292,35 +325,67 @@ def _only_stage_progress():
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, force: bool = False, seed: int = 0) -> dict:
     """Run (or resume) the whole miniature recipe; returns what `results.json` holds: every stage-2 model's
     scores with intervals, the mix against each parent, and the best model's name."""
-    with _only_stage_progress():
+    with only_stage_progress():
         return _run_demo(Path(out).resolve(), quick, force, seed)  # the mixture files name data by absolute path
 
 
-def _run_demo(out: Path, quick: bool, force: bool, seed: int) -> dict:
+def claim(out: Path, budget: Budget, seed: int, force: bool):
+    """Make `out` the folder of a run with this budget and seed (emptied first with `force`): a re-run reuses the
+    finished stages, which only a run of the same budget and seed may do."""
     if force:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    budget = QUICK if quick else FULL
+    stamp, wanted = out / "budget.json", {"seed": seed, **asdict(budget)}
+    if stamp.is_file() and (found := json.loads(stamp.read_text())) != wanted:
+        differences = ", ".join(f"{k} {found.get(k)} (now {v})" for k, v in wanted.items() if found.get(k) != v)
+        raise ValueError(f"{out} holds the stages of a run with {differences}; pass --force to redo them there, "
+                         "or choose another --out")  # fmt: skip
+    stamp.write_text(json.dumps(wanted, indent=2) + "\n")
+
+
+def data_splits(out: Path, budget: Budget, seed: int, held_out: int, first_held_out: int) -> tuple[dict, dict]:
+    """Each domain's training split and `held_out` images from `first_held_out` on, both made from `seed`."""
     data = out / "data"
-    train_splits = {d: write_split(data, d, 1000 * (seed + 1), budget.train_images) for d in DOMAINS}
-    eval_splits = {d: write_split(data, d, 10_000_000 + 1000 * seed, budget.eval_images) for d in DOMAINS}
-    init = init_from_parts(out / "init", seed)
+    train = {d: write_split(data, d, 1000 * (seed + 1), budget.train_images) for d in DOMAINS}
+    return train, {d: write_split(data, d, first_held_out + 1000 * seed, held_out) for d in DOMAINS}
+
+
+MAIN_HELD_OUT = 10_000_000  # first seed of the main job's held-out images; training seeds stay below
+
+
+def mix_name(budget: Budget) -> str:
+    return f"mix beta={budget.beta:g}"
+
+
+def recipe_starts(
+    root: Path, train: dict[str, Path], budget: Budget, seed: int, encoders=ENCODERS, label: str = ""
+) -> dict[str, Path]:
+    """Stage 1 on each domain from the pretrained parts, then their weight mix: stage 2's starts, by name."""
+    init = init_from_parts(root / "init", seed, encoders)
     parents = {
-        domain: caption_stage(
-            init, train_splits[domain], out / f"stage1-{domain}", budget, f"stage 1, {domain} captions"
-        )
+        domain: caption_stage(init, train[domain], root / f"stage1-{domain}", budget, f"stage 1{label}, {domain} captions")
         for domain in DOMAINS
-    }
-    mixed = f"mix beta={budget.beta:g}"
-    starts = {**parents, mixed: weight_mix(parents["real"], parents["synthetic"], budget.beta, out / "mix")}
+    }  # fmt: skip
+    return {**parents, mix_name(budget): weight_mix(parents["real"], parents["synthetic"], budget.beta, root / "mix")}
+
+
+def stage_two(root: Path, start: str, folder: Path, train: dict[str, Path], budget: Budget, label: str = "") -> Path:
+    """Stage 2 from the start named `start` into `root/stage2-<start>`."""
+    out = root / f"stage2-{start.replace(' ', '-')}"
+    return task_stage(folder, list(train.values()), out, budget, f"stage 2{label} from {start}")
+
+
+def _run_demo(out: Path, quick: bool, force: bool, seed: int) -> dict:
+    budget = QUICK if quick else FULL
+    claim(out, budget, seed, force)
+    train_splits, eval_splits = data_splits(out, budget, seed, budget.eval_images, MAIN_HELD_OUT)
+    starts = recipe_starts(out, train_splits, budget, seed)
     tuned, outcomes = {}, {}
     for start, folder in starts.items():
-        name = f"{start} + stage 2"
-        tuned[name] = task_stage(folder, list(train_splits.values()), out / f"stage2-{start.replace(' ', '-')}",
-                                 budget, f"stage 2 from {start}")  # fmt: skip
+        tuned[f"{start} + stage 2"] = stage_two(out, start, folder, train_splits, budget)
     for name, folder in tuned.items():
         outcomes[name] = score(folder, eval_splits, out / "eval" / name.replace(" ", "_"), f"eval, {name}")
-    mixed_tuned = f"{mixed} + stage 2"
+    mixed_tuned = f"{mix_name(budget)} + stage 2"
     results = {
         "models": {name: summarise(cells) for name, cells in outcomes.items()},
         "weight mix": {
@@ -390,27 +455,38 @@ def _examples(model_dir: Path, split: Path, out: Path, count: int = 3) -> list[P
 TARGETS = {"VQA": 0.9, "grounding": 0.6}
 
 
-def format_report(results: dict) -> str:
-    """The table (score and 95 % interval per cell), the weight-mix comparison and the targets, each sentence
-    decided by the numbers."""
-    models = results["models"]
+def format_table(models: dict[str, dict], best: str | None = None) -> list[str]:
+    """A markdown table: a row per model, its score and 95 % interval per cell, then the question counts."""
     columns = list(next(iter(models.values())))
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, cells in models.items():
         shown = [f"{c['score']:.2f} ({c['low']:.2f}-{c['high']:.2f})" for c in cells.values()]
-        lines.append(f"| {name}{' (best)' if name == results['best'] else ''} | " + " | ".join(shown) + " |")
+        lines.append(f"| {name}{' (best)' if name == best else ''} | " + " | ".join(shown) + " |")
     questions = sorted({c["questions"] for cells in models.values() for n, c in cells.items() if n != "average"})
     lines.append(f"(95 % intervals; {' to '.join(map(str, dict.fromkeys(questions[:1] + questions[-1:])))} "
                  "held-out questions per cell)")  # fmt: skip
+    return lines
+
+
+def verdict(found: dict[str, float], holds: str, fails: str) -> str:
+    """`found` (a difference with its interval) in words: what holds, what fails, or that nothing is resolved."""
+    if found["low"] > 0:
+        return holds
+    if found["high"] < 0:
+        return fails
+    return "no difference is resolved at this size"
+
+
+def format_report(results: dict) -> str:
+    """The table (score and 95 % interval per cell), the weight-mix comparison and the targets, each sentence
+    decided by the numbers."""
+    models = results["models"]
+    lines = format_table(models, results["best"])
     for pair, found in results["weight mix"].items():
-        if found["low"] > 0:
-            verdict = "the mix is better: the paper's direction holds"
-        elif found["high"] < 0:
-            verdict = "the mix is worse: the paper's direction does not hold here"
-        else:
-            verdict = "no difference is resolved at this size"
+        said = verdict(found, "the mix is better: the paper's direction holds",
+                       "the mix is worse: the paper's direction does not hold here")  # fmt: skip
         lines.append(f"weight mix, two-domain average, {pair}: {found['difference']:+.3f} "
-                     f"(95 % interval {found['low']:+.3f} to {found['high']:+.3f}): {verdict}")  # fmt: skip
+                     f"(95 % interval {found['low']:+.3f} to {found['high']:+.3f}): {said}")  # fmt: skip
     best = models[results["best"]]
     for metric, target in TARGETS.items():
         reached = [f"{domain} {best[f'{metric} {domain}']['score']:.2f}" for domain in DOMAINS]

@@ -249,7 +249,8 @@ def proportion_interval(hits: int, total: int, z: float = 1.96) -> tuple[float, 
     share = hits / total
     centre = (share + z * z / (2 * total)) / (1 + z * z / total)
     half = z * math.sqrt(share * (1 - share) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # at 0 (or all) hits the bound is 0 (or 1) exactly; rounding would leave it a hair inside
+    return (0.0 if hits == 0 else max(0.0, centre - half)), (1.0 if hits == total else min(1.0, centre + half))
 
 
 def paired_difference(first: list[float], second: list[float]) -> tuple[float, float]:

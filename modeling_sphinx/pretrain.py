@@ -75,8 +75,13 @@ QUICK = PretrainBudget(
 )
 
 
-def init_miniature(out: Path, seed: int = 0) -> Path:
-    """Write a randomly initialised miniature (`world.MINIATURE`) with its tokenizer to `out`."""
+def init_miniature(out: Path, seed: int = 0, encoders: tuple[str, ...] = ENCODERS) -> Path:
+    """Write a randomly initialised miniature (`world.MINIATURE`) with its tokenizer to `out`, reading through
+    `encoders` (all three by default; fewer for an ablation of the visual-embedding mix)."""
+    unknown = set(encoders) - set(ENCODERS)
+    if unknown or not encoders:
+        raise ValueError(f"encoders are one or more of {ENCODERS}, got {encoders}")
+    dropped = {f"{name}_config": None for name in ENCODERS if name not in encoders}
     from .build import init_model
     from .tokenizer import train_tiny_sentencepiece
 
@@ -84,7 +89,7 @@ def init_miniature(out: Path, seed: int = 0) -> Path:
         # pieces learned from the template and the task prompts: the system prompt is 31 tokens, not 68
         tokenizer = Path(scratch) / "tokenizer.model"
         tokenizer.write_bytes(train_tiny_sentencepiece(vocab_size=MINIATURE_VOCABULARY))
-        return init_model("sphinx-1k", out, tiny=True, tokenizer_model=tokenizer, seed=seed, **MINIATURE)
+        return init_model("sphinx-1k", out, tiny=True, tokenizer_model=tokenizer, seed=seed, **MINIATURE | dropped)
 
 
 @dataclass
@@ -441,8 +446,10 @@ def pretrain(out: str | Path, quick: bool = False, seed: int = 0, progress=print
 
 
 def load_parts(model, folder: str | Path = SHIPPED):
-    """Copy pretrained parts into a miniature; every tensor of the parts must match one of the model's."""
-    parts = load_file(Path(folder) / "parts.safetensors")
+    """Copy pretrained parts into a miniature; every tensor of the parts must match one of the model's, except
+    those of encoders the miniature was built without."""
+    absent = tuple(f"model.{name}." for name in ENCODERS if getattr(model.config, f"{name}_config") is None)
+    parts = {k: v for k, v in load_file(Path(folder) / "parts.safetensors").items() if not k.startswith(absent)}
     unexpected = model.load_state_dict(parts, strict=False).unexpected_keys
     if unexpected:
         raise ValueError(f"{folder}: tensors the model does not have: {unexpected[:5]}")

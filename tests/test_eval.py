@@ -363,6 +363,8 @@ def test_proportion_interval_is_wilsons():
     assert abs(low - 0.7222) < 1e-3 and abs(high - 0.8749) < 1e-3
     low, high = proportion_interval(200, 200)
     assert 0.98 < low < 1 and high == 1.0  # a perfect score keeps a width
+    for total in (8, 11, 300):  # no hits: the lower bound is exactly 0, below or at the score
+        assert proportion_interval(0, total)[0] == 0.0 and proportion_interval(total, total)[1] == 1.0
     with pytest.raises(ValueError, match="got 3 of 2"):
         proportion_interval(3, 2)
 
