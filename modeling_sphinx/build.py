@@ -12,7 +12,7 @@ from .folders import atomic_output_dir
 from .modeling_sphinx import SphinxForConditionalGeneration
 from .processing.image_processing_sphinx import SphinxImageProcessor
 from .processing.processing_sphinx import SphinxProcessor
-from .processing.tasks_sphinx import CHAT_TEMPLATE
+from .processing.tasks_sphinx import CHAT_TEMPLATE, SEPARATOR
 from .tokenizer import tiny_tokenizer, tokenizer_from_sentencepiece
 
 
@@ -27,16 +27,24 @@ def build_processor(config: SphinxConfig, tokenizer) -> SphinxProcessor:
 
 
 def build_generation_config(config: SphinxConfig, processor: SphinxProcessor) -> GenerationConfig:
-    """Greedy decoding that stops at the turn separator and never emits the `<image>` placeholder."""
+    """Greedy decoding that stops at the turn separator and never emits the `<image>` placeholder.
+
+    Serving engines (vLLM, SGLang) read only `eos_token_id` of this file, so when the separator ends in one
+    `###` piece (LLaMA's and the miniature's tokenizers), that piece is an end-of-turn id there too: a served
+    answer stops at it. `generate` itself stops at the whole separator, as the original does.
+    """
     tokenizer = processor.tokenizer
+    separators = processor.separator_token_ids()
+    marker = SEPARATOR.lstrip("\n")
+    turn_ends = sorted({s[-1] for s in separators if tokenizer.convert_ids_to_tokens(s[-1]) == marker})
     return GenerationConfig(
         max_new_tokens=512,
         do_sample=False,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, *turn_ends] if turn_ends else tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         suppress_tokens=[config.image_token_id],
-        separator_token_ids=processor.separator_token_ids(),
+        separator_token_ids=separators,
     )
 
 

@@ -627,7 +627,8 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
 
         The separator (`\n###`) spans several tokens, so it cannot be an `eos_token_id`; its token sequences
         are read from `generation_config.separator_token_ids` (written by the processor-aware tools that
-        save models) and a `separator_token_ids=[]` argument turns the stop off.
+        save models) and a `separator_token_ids=[]` argument turns the stop off. The separator's last piece,
+        which saved folders list among the `eos_token_id`s for serving engines, ends nothing here on its own.
 
         Assisted decoding (`assistant_model=`) works with any draft that shares the tokenizer; transformers gives
         the draft no pixels, so a SPHINX draft reads the `<image>` placeholders as plain embeddings. The result is
@@ -655,6 +656,9 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
         if sequences:
             stopping_criteria = StoppingCriteriaList(stopping_criteria or [])
             stopping_criteria.append(SeparatorStoppingCriteria(sequences))
+            ends = generation_config.eos_token_id
+            if isinstance(ends, list) and "eos_token_id" not in kwargs:
+                kwargs["eos_token_id"] = [end for end in ends if end not in {s[-1] for s in sequences}]
         if CACHE != "cache" and "cache" in kwargs:
             kwargs[CACHE] = kwargs.pop("cache")
         return super().generate(*args, stopping_criteria=stopping_criteria, **kwargs)

@@ -6,11 +6,31 @@ and calls the base model without pixels, without a cache and with `return_dict=F
 through a function it registers (its paged kernel, which keeps the sequences apart).
 """
 
+import base64
+import http.server
+import io
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
-from transformers import AttentionInterface, AutoModel, AutoProcessor
+from transformers import (
+    AttentionInterface,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    GenerationConfig,
+    LogitsProcessor,
+)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from modeling_sphinx.client import chat_request
+from modeling_sphinx.inference import chat_inputs, generate_answers, load_pretrained, user_turn
+from modeling_sphinx.processing.tasks_sphinx import TASK_INSTRUCTIONS
 
 from .conftest import IMAGES
 
@@ -85,3 +105,124 @@ def test_processor_reports_each_image_and_its_token_count(served):
     with torch.no_grad():
         rows = model.get_image_features(processor(images=images, return_tensors="pt")["pixel_values"]).pooler_output
     assert counted.num_image_tokens == [rows.shape[1]] * 2 == [processor.num_image_tokens] * 2
+
+
+class Script(LogitsProcessor):
+    """Forces the next tokens to be `ids`, one a step: a model that says exactly what a test needs."""
+
+    def __init__(self, ids: list[int], start: int):
+        self.ids, self.start = ids, start
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.start
+        forced = torch.full_like(scores, -float("inf"))
+        forced[:, self.ids[min(step, len(self.ids) - 1)]] = 0.0
+        return forced
+
+
+def test_served_answers_end_at_the_turn_marker_and_generate_at_the_whole_separator(tiny_model_dir):
+    folder = tiny_model_dir("sphinx-tiny")
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    saved = GenerationConfig.from_pretrained(folder)  # what vLLM and SGLang read: eos_token_id and nothing else
+    tokenizer = processor.tokenizer
+    marker = tokenizer.convert_tokens_to_ids("###")
+    assert saved.eos_token_id == [tokenizer.eos_token_id, marker]
+    # "a###b": the marker piece inside an answer, not after a newline (where the original would stop too)
+    answer = [
+        *tokenizer.encode("a", add_special_tokens=False),
+        marker,
+        *tokenizer.encode("b", add_special_tokens=False),
+    ]
+    separator = processor.separator_token_ids()[-1]
+    script = answer + separator + tokenizer.encode("after", add_special_tokens=False)
+    inputs = _prompt_with_image(processor, "What is it?")
+    start = inputs["input_ids"].shape[1]
+
+    def run(**kwargs):
+        with torch.no_grad():
+            out = model.generate(**inputs, logits_processor=[Script(script, start)], max_new_tokens=20, **kwargs)
+        return out[0, start:].tolist()
+
+    assert run() == answer + separator  # the bare "###" inside the answer does not end it; the separator does
+    # an engine that knows only the saved eos ids stops at the first marker
+    engine = run(separator_token_ids=[], eos_token_id=saved.eos_token_id)
+    assert engine == answer[: answer.index(marker) + 1]
+
+
+class FakeEngine(http.server.BaseHTTPRequestHandler):
+    """`/v1/chat/completions` as a serving engine's Transformers backend answers it: the saved `eos_token_id`s and
+    the request's stop strings, temperature and logit bias are all it knows of how SPHINX stops."""
+
+    model = processor = None
+    requests: list[dict] = []
+
+    def do_POST(self):
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.requests.append(request)
+        parts = request["messages"][0]["content"]
+        url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
+        image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+        text = next(p["text"] for p in parts if p["type"] == "text")
+        assert request["temperature"] == 0.0  # greedy
+        banned = [int(token) for token, bias in request.get("logit_bias", {}).items() if bias <= -100]
+        inputs = chat_inputs(self.model, self.processor, [[user_turn(text, image)]])
+        saved = GenerationConfig.from_pretrained(self.model.name_or_path)
+        with torch.no_grad():
+            ids = self.model.generate(**inputs, max_new_tokens=request["max_tokens"], do_sample=False,
+                                      eos_token_id=saved.eos_token_id, separator_token_ids=[],
+                                      suppress_tokens=banned or None)[0, inputs["input_ids"].shape[1] :]  # fmt: skip
+        answer = self.processor.decode(ids, skip_special_tokens=True)
+        for stop in request.get("stop") or []:
+            answer = answer.split(stop)[0]  # engines leave the stop string out of the answer
+        body = json.dumps({"id": "1", "object": "chat.completion", "created": 0, "model": request["model"],
+                           "choices": [{"index": 0, "finish_reason": "stop",
+                                        "message": {"role": "assistant", "content": answer}}]}).encode()  # fmt: skip
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_openai_client_request_reproduces_generates_answer_and_boxes(quick_demo):
+    from openai import OpenAI
+
+    folder = quick_demo[0] / "best"
+    processor, model = load_pretrained(str(folder), dtype="float32")
+    FakeEngine.model, FakeEngine.processor = model, processor
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeEngine)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="unused")
+        split = next((quick_demo[0] / "data").glob("real-1*"))
+        row = json.loads((split / "grounding.jsonl").read_text().splitlines()[0])
+        image = Image.open(split / row["image"]).convert("RGB")
+        question = TASK_INSTRUCTIONS["referring_expression"].format(expression=row["expression"])
+        request = chat_request(str(folder), image, question, processor, max_tokens=32)
+        served = client.chat.completions.create(**request).choices[0].message.content
+    finally:
+        server.shutdown()
+    assert FakeEngine.requests[-1]["stop"] == ["\n###"]
+    assert FakeEngine.requests[-1]["logit_bias"] == {str(processor.image_token_id): -100}
+    expected = generate_answers(model, processor, [[user_turn(question, image)]], max_new_tokens=32, do_sample=False)
+    assert served.strip() == expected[0].strip() and "[" in served
+    size = (image.height, image.width)
+    assert (
+        processor.post_process_generation(served, size).boxes
+        == processor.post_process_generation(expected[0], size).boxes
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the benchmark runs for real")
+def test_the_serving_benchmark_says_why_it_cannot_run_here(tiny_model_dir):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serving.py"
+    run = subprocess.run([sys.executable, str(script), str(tiny_model_dir("sphinx-tiny"))], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert (
+        run.returncode == 0
+        and run.stdout.strip() == "bench_serving: skipped: no CUDA GPU (vLLM's Transformers backend serves on GPUs)"
+    )
