@@ -36,12 +36,16 @@ def read_rows(path: str | Path) -> list[dict]:
             with path.open(newline="") as handle:
                 rows = list(csv.DictReader(handle))
         elif suffix == ".parquet":
+            import pyarrow
             import pyarrow.parquet
 
-            rows = pyarrow.parquet.read_table(path).to_pylist()
+            try:
+                rows = pyarrow.parquet.read_table(path).to_pylist()
+            except pyarrow.ArrowException as error:
+                raise DataError(f"{path}: not a readable Parquet file: {error}") from None
         else:
             raise DataError(f"{path}: unknown data format {suffix!r} (use .json, .jsonl, .csv or .parquet)")
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, csv.Error) as error:
         raise DataError(f"{path}: cannot read the data: {error}") from None
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a list of records, got {type(rows).__name__}")

@@ -228,7 +228,7 @@ class Recipe:
             if key not in RECIPE_KEYS:
                 raise RecipeError(f"unknown recipe key {key!r}{_suggest(key, RECIPE_KEYS)}")
         method = recipe.get("merge_method")
-        if method not in METHODS:
+        if not isinstance(method, str) or method not in METHODS:
             raise RecipeError(
                 f"unknown merge_method {method!r}{_suggest(str(method), METHODS)}; known: {sorted(METHODS)}"
             )
@@ -238,9 +238,11 @@ class Recipe:
             p = Path(p)
             return p if p.is_absolute() else (root / p)
 
-        models = []
-        for entry in recipe.get("models") or []:
-            if not isinstance(entry, dict) or "model" not in entry:
+        models, entries = [], recipe.get("models") or []
+        if not isinstance(entries, list):
+            raise RecipeError(f"models is a list of {{model: PATH, parameters: {{...}}}} entries, got {entries!r}")
+        for entry in entries:
+            if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or not entry["model"]:
                 raise RecipeError(f"each models entry needs a 'model' path, got {entry!r}")
             extra = set(entry) - {"model", "parameters"}
             if extra:
@@ -250,6 +252,8 @@ class Recipe:
             models.append((resolve(entry["model"]), params))
         parameters = recipe.get("parameters") or {}
         _check_parameter_names(parameters, spec, method, "the global parameters")
+        if recipe.get("base_model") is not None and not isinstance(recipe["base_model"], str):
+            raise RecipeError(f"base_model is a model path, got {recipe['base_model']!r}")
         base = resolve(recipe["base_model"]) if recipe.get("base_model") else None
         if spec.needs_base and base is None:
             raise RecipeError(f"merge_method {method} needs a base_model")
@@ -257,11 +261,16 @@ class Recipe:
             raise RecipeError("the recipe lists no models")
         for key in ("dtype", "out_dtype"):
             value = recipe.get(key)
-            if value is not None and value not in DTYPES:
+            if value is not None and (not isinstance(value, str) or value not in DTYPES):
                 raise RecipeError(f"{key} must be one of {sorted(DTYPES)}, got {value!r}")
         if recipe.get("dtype") in ("bfloat16", "float16"):
             raise RecipeError("dtype is the computation dtype: use float32 or float64 (out_dtype sets the output)")
         mixed = recipe.get("mixed_tensors", DEFAULT_MIXED)
+        if not isinstance(mixed, list) or not all(isinstance(pattern, str) for pattern in mixed):
+            raise RecipeError(f"mixed_tensors is a list of regular expressions, got {mixed!r}")
+        seed = recipe.get("random_seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise RecipeError(f"random_seed is an integer, got {seed!r}")
         for pattern in mixed:
             try:
                 re.compile(pattern)
@@ -274,7 +283,7 @@ class Recipe:
             parameters=parameters,
             dtype=recipe.get("dtype") or "float32",
             out_dtype=recipe.get("out_dtype"),
-            random_seed=int(recipe.get("random_seed", 0)),
+            random_seed=seed,
             mixed_tensors=list(mixed),
             source=recipe,
         )

@@ -652,13 +652,14 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
                 and (input_ids[:, cached:] == self.config.image_token_id).any()
             ):
                 raise ValueError("the text has image tokens but no pixel_values were given")
-        sequences = kwargs.pop("separator_token_ids", getattr(generation_config, "separator_token_ids", None))
+        saved = getattr(generation_config, "separator_token_ids", None) or []
+        sequences = kwargs.pop("separator_token_ids", saved)
         if sequences:
             stopping_criteria = StoppingCriteriaList(stopping_criteria or [])
             stopping_criteria.append(SeparatorStoppingCriteria(sequences))
-            ends = generation_config.eos_token_id
-            if isinstance(ends, list) and "eos_token_id" not in kwargs:
-                kwargs["eos_token_id"] = [end for end in ends if end not in {s[-1] for s in sequences}]
+        ends, tails = generation_config.eos_token_id, {sequence[-1] for sequence in saved}
+        if tails and isinstance(ends, list) and "eos_token_id" not in kwargs:  # the engines' stand-in for the stop
+            kwargs["eos_token_id"] = [end for end in ends if end not in tails]
         if CACHE != "cache" and "cache" in kwargs:
             kwargs[CACHE] = kwargs.pop("cache")
         return super().generate(*args, stopping_criteria=stopping_criteria, **kwargs)

@@ -26,13 +26,14 @@ Bad data raises a `DataError` naming the file and the record.
 """
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .data import DataError, image_file, pixel_box, read_rows, record_box, xywh_to_xyxy
+from .data import DataError, image_file, pixel_box, read_rows, record_box
 from .processing.tasks_sphinx import (
     check_prompt_template,
     format_box,
@@ -113,24 +114,49 @@ def build_vqa(source: Source) -> Iterator[dict]:
         yield sample(image, [(question, answer)], "vqa", f"{source.label()}#{row.get('id', index)}")
 
 
-def _coco(source: Source, keypoints: bool = False):
-    """COCO annotations grouped by image: `(image record, [annotations], {category id: name})`."""
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _coco_sections(source: Source) -> dict[str, list[dict]]:
     if not source.path.is_file():
         raise DataError(f"{source.path}: the data file does not exist")
     try:
         data = json.loads(source.path.read_text())
-        categories = {c["id"]: c["name"] for c in data["categories"]}
-        images = {image["id"]: image for image in data["images"]}
-        annotations = data["annotations"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise DataError(f"{source.path}: not a COCO annotation file ({error!r} missing or malformed)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{source.path}: not a COCO annotation file (not JSON: {error})") from None
+    sections = {}
+    for key in ("images", "annotations", "categories"):
+        section = data.get(key) if isinstance(data, dict) else None
+        if not isinstance(section, list) or not all(isinstance(item, dict) for item in section):
+            raise DataError(f"{source.path}: not a COCO annotation file ('{key}' must be a list of records)")
+        sections[key] = section
+    return sections
+
+
+def _coco(source: Source, keypoints: bool = False):
+    """COCO annotations grouped by image: `(image record, [annotations], {category id: name})`."""
+    sections = _coco_sections(source)
+    categories, images = {}, {}
+    for category in sections["categories"]:
+        if not _is_id(category.get("id")) or not isinstance(category.get("name"), str):
+            raise DataError(f"{source.path}: category {category!r} needs an id and a name")
+        categories[category["id"]] = category["name"]
+    for image in sections["images"]:
+        if not _is_id(image.get("id")) or not isinstance(image.get("file_name"), str):
+            raise DataError(f"{source.path}: image {image!r} needs an id and a file_name")
+        images[image["id"]] = image
     per_image = {image_id: [] for image_id in images}
-    for annotation in annotations:
+    for annotation in sections["annotations"]:
         if annotation.get("iscrowd"):
             continue
         if keypoints and not annotation.get("num_keypoints", 0):
             continue
-        if annotation.get("image_id") not in per_image:
+        if not _is_id(annotation.get("image_id")) or annotation["image_id"] not in per_image:
             raise DataError(f"{source.path}: annotation {annotation.get('id')} names an unknown image_id")
         per_image[annotation["image_id"]].append(annotation)
     for image_id, image in images.items():
@@ -140,11 +166,12 @@ def _coco(source: Source, keypoints: bool = False):
 def _boxes_by_category(annotations, categories, where, size) -> dict[str, list[list[float]]]:
     grouped = {}
     for annotation in annotations:
-        name = categories.get(annotation.get("category_id"))
+        at = f"{where}, annotation {annotation.get('id')}"
+        category = annotation.get("category_id")
+        name = categories.get(category) if _is_id(category) else None
         if name is None:
-            raise DataError(f"{where}: annotation {annotation.get('id')} has an unknown category_id")
-        box = pixel_box(xywh_to_xyxy(annotation["bbox"]), size, f"{where}, annotation {annotation.get('id')}")
-        grouped.setdefault(name, []).append(box)
+            raise DataError(f"{at}: unknown category_id {category!r}")
+        grouped.setdefault(name, []).append(record_box({"bbox": annotation.get("bbox")}, size, at))
     return grouped
 
 
@@ -181,8 +208,10 @@ def build_keypoints(source: Source) -> Iterator[dict]:
         path, size = _image(source, image["file_name"], where)
         for annotation in annotations:
             at = f"{where}, annotation {annotation.get('id')}"
-            box = pixel_box(xywh_to_xyxy(annotation["bbox"]), size, at)
-            points = annotation["keypoints"]
+            box = record_box({"bbox": annotation.get("bbox")}, size, at)
+            points = annotation.get("keypoints")
+            if not isinstance(points, list) or len(points) % 3 or not all(_is_number(v) for v in points):
+                raise DataError(f"{at}: keypoints are [x, y, visibility] numbers per joint, got {points!r}")
             for joint in range(len(points) // 3):
                 if points[3 * joint + 2] > 0:
                     x, y = points[3 * joint : 3 * joint + 2]
@@ -282,40 +311,56 @@ def read_mixture(mixture: str | Path | dict) -> tuple[list[Source], int]:
         if not path.is_file():
             raise DataError(f"mixture file {str(path)!r} does not exist")
         base = path.parent
-        mixture = yaml.safe_load(path.read_text()) or {}
+        try:
+            mixture = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise DataError(f"{path}: not a readable YAML mixture: {error}") from None
+    if not isinstance(mixture, dict):
+        raise DataError(f"a mixture is a mapping with 'sources' (and 'seed'), got {mixture!r}")
     entries = mixture.get("sources")
-    if not entries:
-        raise DataError("the mixture has no sources (a 'sources:' list of {task, path, image_root, weight})")
-    sources = []
-    for entry in entries:
-        unknown = set(entry) - {"task", "path", "image_root", "weight", "name", "options"}
-        if unknown:
-            raise DataError(f"mixture source {entry}: unknown keys {sorted(unknown)}")
-        if entry.get("task") not in TASK_BUILDERS:
-            raise DataError(
-                f"mixture source {entry}: unknown task {entry.get('task')!r}; known: {', '.join(TASK_BUILDERS)}"
-            )
-        weight = float(entry.get("weight", 1.0))
-        if weight <= 0:
-            raise DataError(f"mixture source {entry}: weight must be positive, got {weight}")
-        options = entry.get("options") or {}
-        if "prompt_template" in options:
-            try:
-                check_prompt_template(options["prompt_template"])
-            except ValueError as error:
-                raise DataError(f"mixture source {entry}: {error}") from None
-        root = entry.get("image_root")
-        sources.append(
-            Source(
-                path=base / entry["path"],
-                task=entry["task"],
-                image_root=base / root if root is not None else None,
-                weight=weight,
-                name=entry.get("name"),
-                options=options,
-            )
+    if not entries or not isinstance(entries, list):
+        raise DataError(
+            f"the mixture has no sources (a 'sources:' list of {{task, path, image_root, weight}}), got {entries!r}"
         )
-    return sources, int(mixture.get("seed", 0))
+    seed = mixture.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise DataError(f"the mixture's seed is an integer, got {seed!r}")
+    return [_source(entry, base) for entry in entries], seed
+
+
+def _source(entry, base: Path) -> Source:
+    """One checked mixture entry, its paths relative to `base`."""
+    if not isinstance(entry, dict):
+        raise DataError(f"mixture source {entry!r}: a source is a mapping of task, path, image_root, weight")
+    unknown = set(entry) - {"task", "path", "image_root", "weight", "name", "options"}
+    if unknown:
+        raise DataError(f"mixture source {entry}: unknown keys {sorted(map(str, unknown))}")
+    task = entry.get("task")
+    if not isinstance(task, str) or task not in TASK_BUILDERS:
+        raise DataError(f"mixture source {entry}: unknown task {task!r}; known: {', '.join(TASK_BUILDERS)}")
+    for key in ("path", "image_root", "name"):
+        if (key == "path" or entry.get(key) is not None) and not (isinstance(entry.get(key), str) and entry[key]):
+            raise DataError(f"mixture source {entry}: {key} must be a non-empty string, got {entry.get(key)!r}")
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 or weight == float("inf"):
+        raise DataError(f"mixture source {entry}: weight must be a positive number, got {weight!r}")
+    options = entry.get("options") or {}
+    if not isinstance(options, dict):
+        raise DataError(f"mixture source {entry}: options must be a mapping, got {options!r}")
+    if "prompt_template" in options:
+        try:
+            check_prompt_template(options["prompt_template"])
+        except ValueError as error:
+            raise DataError(f"mixture source {entry}: {error}") from None
+    root = entry.get("image_root")
+    return Source(
+        path=base / entry["path"],
+        task=task,
+        image_root=base / root if root is not None else None,
+        weight=float(weight),
+        name=entry.get("name"),
+        options=options,
+    )
 
 
 def _generate(sources: list[dict]):

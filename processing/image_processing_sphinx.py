@@ -24,6 +24,7 @@ import PIL.Image
 import PIL.ImageFile
 import PIL.ImageOps
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers.image_processing_backends import PilBackend, TorchvisionBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_transforms import group_images_by_shape, reorder_images
@@ -91,6 +92,8 @@ def _array_to_rgb(image: np.ndarray, input_data_format) -> tuple[np.ndarray, Cha
     channels = image.shape[-1]
     if channels not in (1, 3, 4):
         raise ValueError(f"an image needs 1 (grey), 3 (RGB) or 4 (RGBA) channels, got shape {shape}")
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise ValueError(f"an image array holds NaN or infinite values (shape {shape}, dtype {image.dtype})")
     if image.dtype == np.uint16:
         image = np.rint(image / 257.0).astype(np.uint8)
     image = np.repeat(image, 3, axis=-1) if channels == 1 else np.ascontiguousarray(image[..., :3])
@@ -302,9 +305,28 @@ def _to_tensor_and_normalize(
     return images
 
 
+def _normalisation(image_mean, image_std) -> tuple[list[float], list[float]]:
+    """The mean and std as 3 numbers each: every image is RGB by the time it is normalised, and one number stands
+    for all three channels. Anything else is a ValueError naming it (a zero std too: images are divided by it)."""
+    checked = []
+    for name, values in (("image_mean", image_mean), ("image_std", image_std)):
+        listed = [values] if isinstance(values, (int, float)) else values
+        try:
+            numbers = [float(v) for v in listed]
+        except (TypeError, ValueError):
+            numbers = []
+        if len(numbers) not in (1, 3) or not all(np.isfinite(numbers)):
+            raise ValueError(f"{name} must be 3 finite numbers (one per RGB channel) or 1 for all, got {values!r}")
+        if name == "image_std" and 0.0 in numbers:
+            raise ValueError(f"image_std must not hold a zero (images are divided by it), got {values!r}")
+        checked.append(numbers * 3 if len(numbers) == 1 else numbers)
+    return checked[0], checked[1]
+
+
 def _fill(image_mean, eight_bit: bool) -> list[float]:
-    """The padding colour: the CLIP mean, as the original's `int(255 * mean)` levels for 8-bit images."""
-    return [int(255 * m) for m in image_mean] if eight_bit else list(image_mean)
+    """The padding colour: the CLIP mean, as the original's `int(255 * mean)` levels for 8-bit images (a mean
+    outside [0, 1] pads with the nearest level)."""
+    return [min(255, max(0, int(255 * m))) for m in image_mean] if eight_bit else list(image_mean)
 
 
 def _with_backend_auto_map(config: dict) -> dict:
@@ -336,6 +358,12 @@ class _SphinxImageDefaults:
 
     def fetch_images(self, image_url_or_urls):
         return _fetch(super().fetch_images, image_url_or_urls)
+
+    def preprocess(self, *args, **kwargs):
+        try:
+            return super().preprocess(*args, **kwargs)
+        except StrictDataclassError as error:  # transformers' check of the keyword types, already naming the field
+            raise ValueError(str(error)) from None
 
     def to_dict(self):
         return _with_backend_auto_map(super().to_dict())
@@ -371,6 +399,7 @@ class SphinxImageProcessor(_SphinxImageDefaults, TorchvisionBackend):
         return_tensors,
         **kwargs,
     ) -> BatchFeature:
+        image_mean, image_std = _normalisation(image_mean, image_std)
         grouped, grouped_index = group_images_by_shape(images, disable_grouping=False)
         processed = {}
         for shape, stacked in grouped.items():
@@ -407,6 +436,7 @@ class SphinxImageProcessorPil(_SphinxImageDefaults, PilBackend):
         return_tensors,
         **kwargs,
     ) -> BatchFeature:
+        image_mean, image_std = _normalisation(image_mean, image_std)
         processed = []
         for image in images:
             if do_pad:

@@ -37,7 +37,9 @@ def main():
     inputs = processor(text=prompt, images=image, return_tensors="pt").to(model.device)
     with torch.no_grad():
         logits = model(**inputs).logits[0, -1].float()
-        ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+        ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)[
+            0, inputs["input_ids"].shape[1] :
+        ]
     if args.dump:
         layer = model.model.language_model.layers[0].self_attn.q_proj.weight
         local = layer.to_local() if hasattr(layer, "to_local") else layer
