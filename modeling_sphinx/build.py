@@ -69,7 +69,8 @@ def write_model_folder(
     model.config.architectures = [type(model).__name__]
     # the tokenizer's padding id, so that `Trainer` finds nothing to realign (and says nothing) when tuning starts
     model.config.text_config.pad_token_id = processor.tokenizer.pad_token_id
-    with atomic_output_dir(out_dir) as staging:
+    needed = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    with atomic_output_dir(out_dir, needed_bytes=needed) as staging:
         write_weights(staging)
         custom_object_save(model, staging, config=model.config)
         model.config.save_pretrained(staging)

@@ -3,6 +3,7 @@
 Kept free of heavy imports so that light commands (`sphinx-mllm mix`) start fast.
 """
 
+import errno
 import re
 import shutil
 import tempfile
@@ -19,19 +20,59 @@ def published_name(folder: Path) -> str:
     return staged.group(1) if staged else folder.name
 
 
+# what a write into a full filesystem raises: no space, over a quota, or over the process's file-size limit
+FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# safetensors' Rust writer raises its own error, which quotes the OS error: "... (os error 28)"
+RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def human_size(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+
+
+def is_full_disk(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in FULL_DISK_ERRNOS:
+        return True
+    quoted = RUST_OS_ERROR.search(str(error)) if type(error).__name__ == "SafetensorError" else None
+    return quoted is not None and int(quoted.group(1)) in FULL_DISK_ERRNOS
+
+
+def _written(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
 @contextmanager
-def atomic_output_dir(out_dir: str | Path):
-    """Yield a temporary folder next to `out_dir` that becomes `out_dir` only if the block completes."""
+def atomic_output_dir(out_dir: str | Path, needed_bytes: int | None = None):
+    """Yield a temporary folder next to `out_dir` that becomes `out_dir` only if the block completes.
+
+    `needed_bytes`, the size of what will be written, is checked against the free space first; a filesystem
+    that fills up anyway ends in a `ValueError` naming `out_dir` and the space needed, with nothing left behind.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"output folder {str(out_dir)!r} exists and is not empty; choose a new path")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    needs = f"about {human_size(needed_bytes)}" if needed_bytes else "more"
+    free = shutil.disk_usage(out_dir.parent).free
+    if needed_bytes and free < needed_bytes:
+        raise ValueError(
+            f"{out_dir}: not enough space: it needs {needs} and {out_dir.parent} has {human_size(free)} free"
+        )
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=STAGING_SUFFIX, dir=out_dir.parent))
     try:
         yield staging
         if out_dir.exists():
             out_dir.rmdir()
         staging.rename(out_dir)
-    except BaseException:
+    except BaseException as error:
+        written = _written(staging)
         shutil.rmtree(staging, ignore_errors=True)
+        if is_full_disk(error):
+            raise ValueError(
+                f"{out_dir}: the filesystem is full after {human_size(written)} written; it needs {needs} "
+                "(nothing was kept; free space and run again)"
+            ) from None
         raise

@@ -636,7 +636,8 @@ def mix(recipe: "str | Path | dict | Recipe", out_dir: str | Path, max_shard_siz
         name: (inputs.base.shape(name), DTYPES[recipe.out_dtype] if recipe.out_dtype else inputs.base.dtype(name))
         for name in names
     }
-    with atomic_output_dir(out_dir) as staging:
+    needed = sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values())
+    with atomic_output_dir(out_dir, needed_bytes=needed) as staging:
         writer = StreamingShardWriter(staging, layout, parse_size(max_shard_size))
         for name in names:
             base_tensor = inputs.base.get(name)

@@ -18,6 +18,7 @@ What SPHINX needs beyond TRL's defaults, and why:
 """
 
 import logging
+import shutil
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from .build import save_model_folder
 from .card import hub_reference
 from .data import open_image
 from .dtypes import dtype_named
+from .folders import human_size, is_full_disk
 from .inference import load_model, load_processor
 from .sft_data import load_mixture
 
@@ -248,8 +250,13 @@ def train(args: SphinxTuningArguments, training_args: SFTConfig, progress: str |
     resume = training_args.resume_from_checkpoint
     if resume and boundaries is not None:
         boundaries.restore(resume)
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_state()  # OUTPUT_DIR/trainer_state.json: the loss curve, also when no checkpoint is kept
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.save_state()  # OUTPUT_DIR/trainer_state.json: the loss curve, also when no checkpoint is kept
+    except Exception as error:
+        if is_full_disk(error):
+            raise _full_disk(Path(training_args.output_dir), trainer.model) from None
+        raise
     model_dir = Path(args.model_dir or Path(training_args.output_dir) / "model")
     if trainer.accelerator.is_main_process:
         final = _merged(trainer, args)
@@ -265,6 +272,21 @@ def train(args: SphinxTuningArguments, training_args: SFTConfig, progress: str |
         save_model_folder(final.eval(), processor, model_dir, provenance=provenance)
     trainer.accelerator.wait_for_everyone()
     return model_dir
+
+
+def _full_disk(output_dir: Path, model) -> ValueError:
+    """The error of a checkpoint that did not fit: the incomplete checkpoint (Trainer writes its
+    `trainer_state.json` last) is removed, so that resuming finds the last complete one."""
+    incomplete = [c for c in output_dir.glob("checkpoint-*") if not (c / "trainer_state.json").is_file()]
+    for checkpoint in incomplete:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    optimizer = sum(8 * p.numel() for p in model.parameters() if p.requires_grad)  # AdamW's two float32 moments
+    where = incomplete[0] if incomplete else output_dir
+    return ValueError(
+        f"{where}: the filesystem is full; a checkpoint needs about {human_size(weights + optimizer)} (the incomplete "
+        "checkpoint was removed: free space and resume from the last complete one with --resume_from_checkpoint)"
+    )
 
 
 def _merged(trainer: SFTTrainer, args: SphinxTuningArguments):
