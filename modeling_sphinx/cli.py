@@ -175,7 +175,31 @@ def _add_loading_arguments(parser: argparse.ArgumentParser):
     )
 
 
+def _login(args) -> tuple[str, str] | None:
+    """Gradio's login from `--auth USER:PASSWORD`; refuses to open the model to a network without one, unless
+    `--public` says that is meant."""
+    import ipaddress
+
+    auth = None
+    if args.auth is not None:
+        user, colon, password = args.auth.partition(":")
+        if not (user and colon and password):
+            raise ValueError("--auth is USER:PASSWORD (Gradio's login), both non-empty")
+        auth = (user, password)
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        loopback = False
+    if not loopback and auth is None and not args.public:
+        raise ValueError(
+            f"--host {args.host} lets anyone who can reach this machine use the model: pass --auth USER:PASSWORD "
+            "(Gradio's login), or --public to serve it open on purpose"
+        )
+    return auth
+
+
 def _cmd_serve(args):
+    auth = _login(args)
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -185,7 +209,7 @@ def _cmd_serve(args):
 
     processor, model = _load(args)
     app = build_app(model, processor, title=f"SPHINX · {Path(args.model).name}")
-    app.queue().launch(server_name=args.host, server_port=args.port, show_error=True, ssr_mode=False)
+    app.queue().launch(server_name=args.host, server_port=args.port, show_error=True, ssr_mode=False, auth=auth)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model", help="model folder or Hub id")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--auth", help="USER:PASSWORD, Gradio's login (required off loopback unless --public)")
+    serve.add_argument("--public", action="store_true", help="serve on a network address without a login")
     _add_loading_arguments(serve)
     serve.set_defaults(func=_cmd_serve)
 
