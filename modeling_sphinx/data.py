@@ -94,6 +94,8 @@ def _resolve(name, root: Path | None) -> Path:
 def image_file(name: str, root: Path | None, where: str) -> tuple[Path, tuple[int, int]]:
     """The image file a record names (relative to `root`) and its `(height, width)`, read from the file header
     alone: training hands the path on and decodes the image only when a batch needs it."""
+    if not isinstance(name, (str, Path)) or not str(name):
+        raise DataError(f"{where}: 'image' is the path of an image file, got {name!r}")
     path = _resolve(name, root)
     if not path.is_file():
         raise DataError(f"{where}: image file {str(path)!r} does not exist")

@@ -4,6 +4,7 @@ Kept free of heavy imports so that light commands (`sphinx-mllm mix`) start fast
 """
 
 import errno
+import os
 import re
 import shutil
 import tempfile
@@ -40,6 +41,27 @@ def is_full_disk(error: BaseException) -> bool:
     return quoted is not None and int(quoted.group(1)) in FULL_DISK_ERRNOS
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_abandoned_staging(out_dir: Path):
+    """Remove what a killed writer of `out_dir` left: its staging folders whose process is gone."""
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(\d+)-[^/]*{re.escape(STAGING_SUFFIX)}")
+    if not out_dir.parent.is_dir():
+        return
+    for sibling in out_dir.parent.iterdir():
+        match = pattern.fullmatch(sibling.name)
+        if match and sibling.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
 def _written(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
@@ -61,7 +83,9 @@ def atomic_output_dir(out_dir: str | Path, needed_bytes: int | None = None):
         raise ValueError(
             f"{out_dir}: not enough space: it needs {needs} and {out_dir.parent} has {human_size(free)} free"
         )
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=STAGING_SUFFIX, dir=out_dir.parent))
+    remove_abandoned_staging(out_dir)
+    prefix = f".{out_dir.name}.{os.getpid()}-"
+    staging = Path(tempfile.mkdtemp(prefix=prefix, suffix=STAGING_SUFFIX, dir=out_dir.parent))
     try:
         yield staging
         if out_dir.exists():

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTConfig, SFTTrainer, TrlParser
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
@@ -208,6 +209,45 @@ def check_max_length(training_args: SFTConfig, processor):
         )
 
 
+class SphinxSFTTrainer(SFTTrainer):
+    """TRL's `SFTTrainer` whose checkpoints appear only when complete.
+
+    transformers writes `checkpoint-N` in place, so a process killed while saving leaves a folder that resuming
+    picks as the last checkpoint and then fails on. Here each checkpoint is written under a hidden
+    `.checkpoint-N.partial` folder of the run, renamed into place once every process has finished writing it, and
+    the rotation of old checkpoints runs after that.
+    """
+
+    _staging: str | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / f".{name}.partial"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._staging = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            target = run_dir / name
+            if target.exists():  # the same step saved again after a resume
+                shutil.rmtree(target)
+            (staging / name).rename(target)
+            shutil.rmtree(staging)
+            best = self.state.best_model_checkpoint
+            if best is not None and best.startswith(str(staging)):
+                self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+            rotate_checkpoints(str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint, True)
+        self.accelerator.wait_for_everyone()
+
+
 def train(args: SphinxTuningArguments, training_args: SFTConfig, progress: str | None = None) -> Path:
     """Run one fine-tuning job; returns the folder of the final, complete model.
 
@@ -228,7 +268,7 @@ def train(args: SphinxTuningArguments, training_args: SFTConfig, progress: str |
         pad_to_multiple_of=training_args.pad_to_multiple_of,
         image_cache_size=args.image_cache_size,
     )
-    trainer = SFTTrainer(
+    trainer = SphinxSFTTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -275,11 +315,12 @@ def train(args: SphinxTuningArguments, training_args: SFTConfig, progress: str |
 
 
 def _full_disk(output_dir: Path, model) -> ValueError:
-    """The error of a checkpoint that did not fit: the incomplete checkpoint (Trainer writes its
-    `trainer_state.json` last) is removed, so that resuming finds the last complete one."""
-    incomplete = [c for c in output_dir.glob("checkpoint-*") if not (c / "trainer_state.json").is_file()]
-    for checkpoint in incomplete:
-        shutil.rmtree(checkpoint, ignore_errors=True)
+    """The error of a checkpoint that did not fit: its staging folder is removed (resuming finds the last
+    complete checkpoint in any case)."""
+    incomplete = sorted(output_dir.glob(".checkpoint-*.partial"))
+    for staging in incomplete:
+        shutil.rmtree(staging, ignore_errors=True)
+    incomplete = [output_dir / staging.name[1 : -len(".partial")] for staging in incomplete]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     optimizer = sum(8 * p.numel() for p in model.parameters() if p.requires_grad)  # AdamW's two float32 moments
     where = incomplete[0] if incomplete else output_dir

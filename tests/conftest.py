@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -9,10 +10,13 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 import modeling_sphinx  # noqa: E402,F401  (registers the Auto classes)
 from modeling_sphinx.build import init_model  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 IMAGES = FIXTURES / "images"
 PARITY = FIXTURES / "parity"
@@ -52,3 +56,103 @@ def quick_demo(tmp_path_factory):
 def image_message(text: str, image=None, path=None) -> list[dict]:
     block = {"type": "image", "image": image} if image is not None else {"type": "image", "path": str(path)}
     return [{"role": "user", "content": [block, {"type": "text", "text": text}]}]
+
+
+def write_jsonl(path: Path, rows: list[dict]):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A few generated images and one annotation file per supported format."""
+    root = tmp_path_factory.mktemp("world")
+    images = root / "images"
+    images.mkdir()
+    colours = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
+    for index, (name, colour) in enumerate(colours.items()):
+        image = Image.new("RGB", (200, 100), (235, 235, 235))
+        ImageDraw.Draw(image).rectangle([20 + 40 * index, 10, 120 + 40 * index, 60], fill=colour)
+        image.save(images / f"{name}.png")
+    write_jsonl(
+        root / "vqa.jsonl",
+        [{"image": f"{n}.png", "question": "What colour is the box?", "answer": n} for n in colours],
+    )
+    write_jsonl(
+        root / "refcoco.jsonl",
+        [{"image": "red.png", "expression": "the red box", "box": [20, 10, 120, 60], "id": "r1"}]
+        + [{"image": "blue.png", "sentences": ["a blue box", "the box"], "bbox": [60, 10, 100, 50], "id": "b1"}],
+    )
+    coco = {
+        "images": [{"id": 1, "file_name": "red.png", "width": 200, "height": 100}],
+        "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "dog"}],
+        "annotations": [
+            {"id": 10, "image_id": 1, "category_id": 1, "bbox": [20, 10, 100, 50], "iscrowd": 0},
+            {"id": 11, "image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40], "iscrowd": 0},
+            {"id": 12, "image_id": 1, "category_id": 2, "bbox": [140, 50, 60, 50], "iscrowd": 0},
+            {"id": 13, "image_id": 1, "category_id": 2, "bbox": [0, 0, 200, 100], "iscrowd": 1},
+        ],
+    }
+    (root / "instances.json").write_text(json.dumps(coco))
+    keypoints = [0] * 51
+    keypoints[0:3] = [100, 20, 2]  # nose
+    keypoints[15:18] = [80, 40, 1]  # left shoulder
+    people = {
+        "images": coco["images"],
+        "categories": [{"id": 1, "name": "person"}],
+        "annotations": [
+            {
+                "id": 20,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [20, 10, 100, 50],
+                "keypoints": keypoints,
+                "num_keypoints": 2,
+            }
+        ],
+    }
+    (root / "keypoints.json").write_text(json.dumps(people))
+    write_jsonl(root / "ocr.jsonl", [{"image": "green.png", "texts": [{"text": "EXIT", "box": [100, 10, 200, 60]}]}])
+    write_jsonl(root / "charts.jsonl", [{"image": "blue.png", "table": "| year | value |\n| 2020 | 3 |"}])
+    conversations = [
+        {
+            "id": "c1",
+            "image": "green.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is this?"},
+                {"from": "gpt", "value": "A green box."},
+                {"from": "human", "value": "Where is it?"},
+                {"from": "gpt", "value": "On the right."},
+            ],
+        }
+    ]
+    (root / "llava.json").write_text(json.dumps(conversations))
+    mixture = {
+        "seed": 0,
+        "sources": [
+            {"task": "vqa", "path": "vqa.jsonl", "image_root": "images", "weight": 2},
+            {"task": "referring_expression", "path": "refcoco.jsonl", "image_root": "images"},
+            {"task": "region_caption", "path": "refcoco.jsonl", "image_root": "images"},
+            {"task": "detection", "path": "instances.json", "image_root": "images"},
+            {"task": "grounded_caption", "path": "instances.json", "image_root": "images"},
+            {"task": "keypoints", "path": "keypoints.json", "image_root": "images"},
+            {"task": "text_detection", "path": "ocr.jsonl", "image_root": "images"},
+            {"task": "chart_to_table", "path": "charts.jsonl", "image_root": "images"},
+            {"task": "conversations", "path": "llava.json", "image_root": "images"},
+        ],
+    }
+    (root / "mixture.yaml").write_text(yaml.safe_dump(mixture))
+    return root
+
+
+def train_args(tiny, world, out, *extra):
+    return [
+        "train",
+        str(REPO / "recipes" / "sft" / "smoke.yaml"),
+        "--model_name_or_path",
+        str(tiny),
+        "--mixture",
+        str(world / "mixture.yaml"),
+        "--output_dir",
+        str(out),
+        *extra,
+    ]

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PARITY
-from .test_sft import _train_args, world  # noqa: F401 (the module's data world is a fixture here too)
+from .conftest import PARITY, train_args
 
 LIMIT = 200_000  # bytes a file may reach: every model file of these tiny models is larger
 
@@ -73,10 +72,10 @@ def test_convert_into_a_full_disk(tmp_path):
     assert _digest(fixture / "checkpoint") == before
 
 
-def test_a_training_checkpoint_into_a_full_disk(world, tiny_model_dir, tmp_path):  # noqa: F811
+def test_a_training_checkpoint_into_a_full_disk(world, tiny_model_dir, tmp_path):
     model = tiny_model_dir("sphinx")
     before = _digest(model)
-    run = _run(_train_args(model, world, tmp_path / "run"), tmp_path)
+    run = _run(train_args(model, world, tmp_path / "run"), tmp_path)
     line = _one_line_error(run, "train", progress=True)
     assert f"{tmp_path / 'run' / 'checkpoint-4'}: the filesystem is full; a checkpoint needs about" in line
     assert "resume from the last complete one" in line

@@ -18,7 +18,7 @@ from modeling_sphinx.processing.image_processing_sphinx import SphinxImageProces
 from modeling_sphinx.processing.tasks_sphinx import parse_grounding
 from modeling_sphinx.sft_data import TASK_BUILDERS, Source, build_samples, read_mixture
 
-EXAMPLES = 150
+EXAMPLES = 200
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image, ImageDraw
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from modeling_sphinx.build import init_model
@@ -30,96 +30,10 @@ from modeling_sphinx.processing.tasks_sphinx import (
 from modeling_sphinx.sft_data import build_samples, load_mixture, read_mixture
 from modeling_sphinx.training import SphinxDataCollator
 
-from .conftest import IMAGES
+from .conftest import IMAGES, train_args, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 WIDE = (100, 200)  # (height, width): padded to a 200-px square with 50 rows above the image
-
-
-def _write_jsonl(path: Path, rows: list[dict]):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A few generated images and one annotation file per supported format."""
-    root = tmp_path_factory.mktemp("world")
-    images = root / "images"
-    images.mkdir()
-    colours = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
-    for index, (name, colour) in enumerate(colours.items()):
-        image = Image.new("RGB", (200, 100), (235, 235, 235))
-        ImageDraw.Draw(image).rectangle([20 + 40 * index, 10, 120 + 40 * index, 60], fill=colour)
-        image.save(images / f"{name}.png")
-    _write_jsonl(
-        root / "vqa.jsonl",
-        [{"image": f"{n}.png", "question": "What colour is the box?", "answer": n} for n in colours],
-    )
-    _write_jsonl(
-        root / "refcoco.jsonl",
-        [{"image": "red.png", "expression": "the red box", "box": [20, 10, 120, 60], "id": "r1"}]
-        + [{"image": "blue.png", "sentences": ["a blue box", "the box"], "bbox": [60, 10, 100, 50], "id": "b1"}],
-    )
-    coco = {
-        "images": [{"id": 1, "file_name": "red.png", "width": 200, "height": 100}],
-        "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "dog"}],
-        "annotations": [
-            {"id": 10, "image_id": 1, "category_id": 1, "bbox": [20, 10, 100, 50], "iscrowd": 0},
-            {"id": 11, "image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40], "iscrowd": 0},
-            {"id": 12, "image_id": 1, "category_id": 2, "bbox": [140, 50, 60, 50], "iscrowd": 0},
-            {"id": 13, "image_id": 1, "category_id": 2, "bbox": [0, 0, 200, 100], "iscrowd": 1},
-        ],
-    }
-    (root / "instances.json").write_text(json.dumps(coco))
-    keypoints = [0] * 51
-    keypoints[0:3] = [100, 20, 2]  # nose
-    keypoints[15:18] = [80, 40, 1]  # left shoulder
-    people = {
-        "images": coco["images"],
-        "categories": [{"id": 1, "name": "person"}],
-        "annotations": [
-            {
-                "id": 20,
-                "image_id": 1,
-                "category_id": 1,
-                "bbox": [20, 10, 100, 50],
-                "keypoints": keypoints,
-                "num_keypoints": 2,
-            }
-        ],
-    }
-    (root / "keypoints.json").write_text(json.dumps(people))
-    _write_jsonl(root / "ocr.jsonl", [{"image": "green.png", "texts": [{"text": "EXIT", "box": [100, 10, 200, 60]}]}])
-    _write_jsonl(root / "charts.jsonl", [{"image": "blue.png", "table": "| year | value |\n| 2020 | 3 |"}])
-    conversations = [
-        {
-            "id": "c1",
-            "image": "green.png",
-            "conversations": [
-                {"from": "human", "value": "<image>\nWhat is this?"},
-                {"from": "gpt", "value": "A green box."},
-                {"from": "human", "value": "Where is it?"},
-                {"from": "gpt", "value": "On the right."},
-            ],
-        }
-    ]
-    (root / "llava.json").write_text(json.dumps(conversations))
-    mixture = {
-        "seed": 0,
-        "sources": [
-            {"task": "vqa", "path": "vqa.jsonl", "image_root": "images", "weight": 2},
-            {"task": "referring_expression", "path": "refcoco.jsonl", "image_root": "images"},
-            {"task": "region_caption", "path": "refcoco.jsonl", "image_root": "images"},
-            {"task": "detection", "path": "instances.json", "image_root": "images"},
-            {"task": "grounded_caption", "path": "instances.json", "image_root": "images"},
-            {"task": "keypoints", "path": "keypoints.json", "image_root": "images"},
-            {"task": "text_detection", "path": "ocr.jsonl", "image_root": "images"},
-            {"task": "chart_to_table", "path": "charts.jsonl", "image_root": "images"},
-            {"task": "conversations", "path": "llava.json", "image_root": "images"},
-        ],
-    }
-    (root / "mixture.yaml").write_text(yaml.safe_dump(mixture))
-    return root
 
 
 def _by_task(world) -> dict[str, list[dict]]:
@@ -260,11 +174,11 @@ def test_a_prompt_template_replaces_each_tasks_instruction(world, tmp_path):
 
 def test_bad_data_is_named(world, tmp_path):
     missing = tmp_path / "missing.jsonl"
-    _write_jsonl(missing, [{"image": "nowhere.png", "question": "q", "answer": "a"}])
+    write_jsonl(missing, [{"image": "nowhere.png", "question": "q", "answer": "a"}])
     with pytest.raises(DataError, match=rf"{missing}, record 0: image file '.*nowhere.png' does not exist"):
         load_mixture(_mixture(tmp_path, [{"task": "vqa", "path": str(missing)}]))
     outside = tmp_path / "outside.jsonl"
-    _write_jsonl(outside, [{"image": "red.png", "expression": "x", "box": [150, 10, 260, 60]}])
+    write_jsonl(outside, [{"image": "red.png", "expression": "x", "box": [150, 10, 260, 60]}])
     entry = {"task": "referring_expression", "path": str(outside), "image_root": str(world / "images")}
     with pytest.raises(DataError, match=r"record 0: box \[150, 10, 260, 60\] is not inside the 200x100 image"):
         load_mixture(_mixture(tmp_path, [entry]))
@@ -336,20 +250,6 @@ def test_image_cache_decodes_each_file_once_and_changes_nothing(world, tiny_sphi
         assert len(decoded) > len(files) if evicts else len(decoded) == len(files)
 
 
-def _train_args(tiny, world, out, *extra):
-    return [
-        "train",
-        str(REPO / "recipes" / "sft" / "smoke.yaml"),
-        "--model_name_or_path",
-        str(tiny),
-        "--mixture",
-        str(world / "mixture.yaml"),
-        "--output_dir",
-        str(out),
-        *extra,
-    ]
-
-
 def _losses(out: Path) -> list[float]:
     checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
@@ -358,7 +258,7 @@ def _losses(out: Path) -> list[float]:
 
 def test_smoke_preset_trains_saves_resumes_and_reloads(world, tiny_sphinx, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(_train_args(tiny_sphinx, world, out)) == 0
+    assert main(train_args(tiny_sphinx, world, out)) == 0
     assert "trained model saved to" in capsys.readouterr().out
     losses = _losses(out)
     assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
@@ -375,7 +275,7 @@ def test_smoke_preset_trains_saves_resumes_and_reloads(world, tiny_sphinx, tmp_p
     resumed = tmp_path / "resumed"
     (resumed).mkdir()
     os.symlink(out / "checkpoint-4", resumed / "checkpoint-4")
-    args = _train_args(tiny_sphinx, world, resumed, "--resume_from_checkpoint", str(resumed / "checkpoint-4"))
+    args = train_args(tiny_sphinx, world, resumed, "--resume_from_checkpoint", str(resumed / "checkpoint-4"))
     assert main(args) == 0
     state = json.loads((resumed / "checkpoint-8" / "trainer_state.json").read_text())
     assert state["global_step"] == 8
@@ -384,7 +284,7 @@ def test_smoke_preset_trains_saves_resumes_and_reloads(world, tiny_sphinx, tmp_p
 
 def test_lora_trains_only_the_named_modules_and_merges_back(world, tiny_sphinx, tmp_path):
     out = tmp_path / "lora"
-    assert main(_train_args(tiny_sphinx, world, out, "--tuning", "lora", "--learning_rate", "5e-3")) == 0
+    assert main(train_args(tiny_sphinx, world, out, "--tuning", "lora", "--learning_rate", "5e-3")) == 0
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -458,7 +358,7 @@ def test_two_process_run_on_cpu(world, tiny_sphinx, tmp_path):
 def test_unknown_config_and_too_short_max_length(world, tiny_sphinx, tmp_path, capsys):
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
     assert "training config" in capsys.readouterr().err
-    args = _train_args(tiny_sphinx, world, tmp_path / "x", "--max_length", "100")
+    args = train_args(tiny_sphinx, world, tmp_path / "x", "--max_length", "100")
     assert main(args) == 2
     assert "max_length 100 cannot hold one image" in capsys.readouterr().err
     assert not (tmp_path / "x" / "model").exists()
@@ -511,7 +411,7 @@ def test_qlora_trains_with_the_towers_in_16_bit(world, tiny_sphinx, tmp_path):
         "--save_steps",
         "4",
     )
-    assert main(_train_args(tiny_sphinx, world, out, *extra)) == 0
+    assert main(train_args(tiny_sphinx, world, out, *extra)) == 0
     merged = AutoModelForImageTextToText.from_pretrained(out / "model")
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())  # merged into a 16-bit copy
     base = AutoModelForImageTextToText.from_pretrained(tiny_sphinx, dtype=torch.bfloat16).state_dict()
@@ -589,7 +489,7 @@ def test_a_failed_final_save_leaves_nothing_behind(world, tiny_sphinx, tmp_path,
 
     monkeypatch.setattr(modeling_sphinx.card, "write_model_card", broken_card)
     out = tmp_path / "run"
-    assert main(_train_args(tiny_sphinx, world, out, "--max_steps", "2", "--save_steps", "2")) == 2
+    assert main(train_args(tiny_sphinx, world, out, "--max_steps", "2", "--save_steps", "2")) == 2
     assert "disk full while writing the card" in capsys.readouterr().err
     assert (out / "checkpoint-2").is_dir()  # the training itself is kept
     assert not (out / "model").exists() and not list(out.glob(".model.*partial"))
@@ -606,7 +506,7 @@ def test_moe_load_balancing_loss_trains(world, tmp_path):
     assert torch.allclose(out.loss, plain.loss + 0.02 * out.aux_loss)
     run = tmp_path / "run"
     assert (
-        main(_train_args(folder, world, run, "--max_steps", "2", "--save_steps", "2")) == 0
+        main(train_args(folder, world, run, "--max_steps", "2", "--save_steps", "2")) == 0
     )  # TRL asks for router logits
 
 

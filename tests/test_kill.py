@@ -1,0 +1,143 @@
+"""SIGKILL at chosen points (issue 20): `mix`, `convert`, `train` (between steps and while a checkpoint is being
+written), `eval` and `demo` leave no output or checkpoint that looks complete but is not; the same command run
+again completes, and resuming gives what an uninterrupted run gives.
+
+`tests/killer/sitecustomize.py` kills the child process at the `count`-th call of a named function."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from .conftest import PARITY, train_args
+
+KILLER = Path(__file__).resolve().parent / "killer"
+
+
+def _run(args: list[str], cwd: Path, kill: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    if kill is not None:
+        env.update(SPHINX_KILL=kill, PYTHONPATH=os.pathsep.join([str(KILLER), env.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "modeling_sphinx.cli", *args]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=cwd)
+    if kill is not None:
+        assert run.returncode == -signal.SIGKILL, run.stderr[-3000:]
+    else:
+        assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def _visible(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def test_mix_killed_while_writing_leaves_nothing_and_runs_again(tiny_model_dir, tmp_path):
+    first = tiny_model_dir("sphinx-1k")
+    recipe = {"merge_method": "linear", "base_model": str(first),
+              "models": [{"model": str(first), "parameters": {"weight": 0.3}},
+                         {"model": str(first), "parameters": {"weight": 0.7}}]}  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    _run(["mix", "recipe.yaml", "out"], tmp_path, kill="modeling_sphinx.shards:StreamingShardWriter.write:5:before")
+    assert _visible(tmp_path) == ["recipe.yaml"]  # only the hidden staging folder of the killed process
+    _run(["mix", "recipe.yaml", "out"], tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml"]  # the abandoned staging is gone
+    _run(["mix", "recipe.yaml", "again"], tmp_path)
+    mixed, again = _weights(tmp_path / "out"), _weights(tmp_path / "again")
+    assert mixed.keys() == again.keys() and all(torch.equal(mixed[k], again[k]) for k in mixed)
+
+
+def test_convert_killed_while_writing_leaves_nothing_and_runs_again(tmp_path):
+    fixture = PARITY / "llama_ens5_light"
+    manifest = json.loads((fixture / "manifest.json").read_text())
+    (tmp_path / "sizes.json").write_text(json.dumps(manifest["size_changes_vs_real_model"]))
+    args = ["convert", str(fixture / "checkpoint"), "hf", "--encoder-sizes", "sizes.json"]
+    _run(args, tmp_path, kill="modeling_sphinx.shards:StreamingShardWriter.write:10:after")
+    assert _visible(tmp_path) == ["sizes.json"]
+    _run(args, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "sizes.json"]
+    assert (tmp_path / "hf" / "config.json").is_file() and _weights(tmp_path / "hf")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world, tiny_model_dir, tmp_path_factory):
+    """The smoke preset's 8 steps in one go (checkpoints at 4 and 8): its final weights."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    _run(train_args(tiny_model_dir("sphinx"), world, out), out.parent)
+    return _weights(out / "model")
+
+
+# (where the kill lands, the function and call that die): between steps 5 and 6, and inside the second
+# checkpoint's save, after its weights and before its optimizer state
+KILL_POINTS = {
+    "between steps": "transformers.trainer:Trainer.training_step:6:before",
+    "while writing checkpoint-8": "transformers.trainer:Trainer._save_optimizer_and_scheduler:2:before",
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_train_killed_resumes_from_the_last_complete_checkpoint_to_the_same_weights(
+    point,
+    world,
+    tiny_model_dir,
+    uninterrupted,
+    tmp_path,
+):
+    out = tmp_path / "run"
+    model = tiny_model_dir("sphinx")
+    _run(train_args(model, world, out), tmp_path, kill=KILL_POINTS[point])
+    assert _visible(out) == ["checkpoint-4"] or _visible(out) == ["README.md", "checkpoint-4"], _visible(out)
+    assert (out / "checkpoint-4" / "trainer_state.json").is_file() and not (out / "model").exists()
+    _run(train_args(model, world, out, "--resume_from_checkpoint", str(out / "checkpoint-4")), tmp_path)
+    resumed = _weights(out / "model")
+    assert resumed.keys() == uninterrupted.keys()
+    largest = max((resumed[k] - uninterrupted[k]).abs().max().item() for k in resumed)
+    assert largest <= 1e-6, largest
+    assert not list(out.glob(".checkpoint-*.partial"))
+
+
+def test_eval_killed_resumes_to_the_same_metrics(quick_demo, tmp_path):
+    model = quick_demo[0] / "best"
+    split = next((quick_demo[0] / "data").glob("real-1???????"))
+    args = ["eval", str(model), "--task", "rec", "--data", str(split / "grounding.jsonl"), "--batch-size", "2"]
+    _run([*args, "--out", "whole"], tmp_path)
+    _run([*args, "--out", "cut"], tmp_path, kill="modeling_sphinx.inference:generate_answers:3:after")
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    assert len((tmp_path / "cut" / "predictions.jsonl").read_text().splitlines()) == 4  # two batches flushed
+    _run([*args, "--out", "cut", "--resume"], tmp_path)
+    whole, cut = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "cut"))
+    assert cut["metrics"] == whole["metrics"]
+    assert (tmp_path / "cut" / "predictions.jsonl").read_text() == (
+        tmp_path / "whole" / "predictions.jsonl"
+    ).read_text()
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_demo_killed_in_stage_2_redoes_only_that_stage(quick_demo, tmp_path):
+    out = tmp_path / "demo"
+    # the quick budget trains 12 + 12 caption steps, then stage 2 from the real parent: step 30 is inside it
+    _run(["demo", "--quick", "--out", str(out)], tmp_path, kill="transformers.trainer:Trainer.training_step:30:before")
+    finished = {p: _digest(p) for p in out.glob("stage1-*/model/model.safetensors")}
+    assert len(finished) == 2 and not (out / "stage2-real" / "model").exists()
+    _run(["demo", "--quick", "--out", str(out)], tmp_path)
+    assert {p: _digest(p) for p in finished} == finished  # stage 1 reused, not redone
+    assert json.loads((out / "results.json").read_text()) == json.loads((quick_demo[0] / "results.json").read_text())
+    shutil.rmtree(out)
