@@ -23,9 +23,10 @@ through the package's public pieces as the paper's recipe, one function per stag
 6. the best model saved as a Hub-ready folder whose card holds the measured table (`model-index`), and a few
    questions answered through `pipeline("image-text-to-text")` with the parsed boxes drawn (`OUT/*.png`).
 
-Every stage writes its folder atomically, so a re-run reuses finished stages unless `force=True`. One seed
-gives the same images, the same training and the same table. `Budget` holds everything a run spends, so an
-ablation can give each arm the same.
+Every stage writes its folder atomically, so a re-run reuses finished stages unless `force=True` (a folder made
+with another budget or seed is refused). One seed gives the same images, the same training and the same table.
+`Budget` holds everything a run spends, so the ablations (`ablations.py`, which reuse these stages) give each
+arm the same.
 """
 
 import json

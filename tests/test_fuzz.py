@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -55,6 +55,10 @@ recipes = st.fixed_dictionaries(
 
 @FUZZ
 @given(recipes | values)
+@example({"merge_method": []})  # the defects these tests found, pinned
+@example({"merge_method": "linear", "models": 5})
+@example({"merge_method": "linear", "models": [{"model": "a"}], "random_seed": "x"})
+@example({"merge_method": "linear", "models": [{"model": "a"}], "mixed_tensors": [5]})
 def test_any_mixing_recipe_loads_or_names_its_problem(recipe):
     try:
         Recipe.load(recipe)
@@ -67,6 +71,10 @@ def test_any_mixing_recipe_loads_or_names_its_problem(recipe):
        | st.fixed_dictionaries({"sources": st.lists(st.dictionaries(
            st.sampled_from(["task", "path", "image_root", "weight", "name", "options", "extra"]),
            values | st.sampled_from(sorted(TASK_BUILDERS)), max_size=6), max_size=3)}))  # fmt: skip
+@example({"seed": None, "sources": [""]})
+@example({"sources": True})
+@example({"sources": [{"task": "vqa", "path": "x.jsonl", "weight": "heavy"}]})
+@example({"sources": [{"task": ["vqa"], "path": "x.jsonl"}]})
 def test_any_task_mixture_reads_or_names_its_problem(mixture):
     try:
         read_mixture(mixture)
@@ -94,6 +102,13 @@ coco = st.fixed_dictionaries({"images": values, "annotations": values, "categori
 
 @FUZZ
 @given(st.sampled_from(sorted(TASK_BUILDERS)), records, coco)
+@example(task="detection", rows=[], annotations={"images": [], "annotations": None, "categories": []})
+@example(task="chart_to_table", rows=[{"image": []}], annotations=[])
+@example(task="detection", rows=[], annotations={"images": [{"id": [1], "file_name": "a.png"}], "annotations": [],
+                                                 "categories": []})  # fmt: skip
+@example(task="keypoints", rows=[], annotations={
+    "images": [{"id": 1, "file_name": "a.png"}], "categories": [],
+    "annotations": [{"id": 1, "image_id": 1, "num_keypoints": 1, "bbox": [0, 0, 10, 10], "keypoints": "x"}]})  # fmt: skip
 def test_every_dataset_builder_builds_or_names_the_bad_record(image_folder, task, rows, annotations):
     with tempfile.TemporaryDirectory() as scratch:
         is_coco = task in ("detection", "grounded_caption", "keypoints")
@@ -111,6 +126,8 @@ def test_every_dataset_builder_builds_or_names_the_bad_record(image_folder, task
 
 @FUZZ
 @given(st.sampled_from([".json", ".jsonl", ".csv", ".parquet", ".txt"]), st.binary(max_size=200) | values.map(lambda v: json.dumps(v, allow_nan=True).encode()))  # fmt: skip
+@example(".parquet", b"")
+@example(".csv", b"a\x00b\n")
 def test_the_eval_readers_read_any_file_or_name_it(suffix, content):
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / f"rows{suffix}"
@@ -131,6 +148,9 @@ norms = st.none() | st.floats(-2, 2) | st.lists(st.floats(-2, 2) | st.just(float
 @FUZZ
 @given(st.sampled_from([SphinxImageProcessor, SphinxImageProcessorPil]), shapes.flatmap(lambda shape: dtypes.flatmap(
     lambda dtype: arrays(dtype, shape))), norms, norms)  # fmt: skip
+@example(SphinxImageProcessor, np.zeros((1, 2, 3), np.uint8), 2.0, None)  # the padding colour overflowed
+@example(SphinxImageProcessorPil, np.full((2, 2, 3), np.nan, np.float32), None, None)
+@example(SphinxImageProcessor, np.zeros((2, 3, 4), np.uint8), [0.5] * 4, [0.5] * 4)
 def test_the_image_processors_take_any_array_or_name_the_problem(backend, image, mean, std):
     processor = backend(size={"height": 28, "width": 28})
     kwargs = {k: v for k, v in (("image_mean", mean), ("image_std", std)) if v is not None}

@@ -47,13 +47,19 @@ def _visible(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
 
 
-def test_mix_killed_while_writing_leaves_nothing_and_runs_again(tiny_model_dir, tmp_path):
+# the first tensor, a middle one, and the last file before the folder is renamed into place
+MIX_KILLS = ["modeling_sphinx.shards:StreamingShardWriter.write:1:before",
+             "modeling_sphinx.shards:StreamingShardWriter.write:5:after", "modeling_sphinx.mixing:_write_card:1:after"]  # fmt: skip
+
+
+@pytest.mark.parametrize("kill", MIX_KILLS)
+def test_mix_killed_while_writing_leaves_nothing_and_runs_again(kill, tiny_model_dir, tmp_path):
     first = tiny_model_dir("sphinx-1k")
     recipe = {"merge_method": "linear", "base_model": str(first),
               "models": [{"model": str(first), "parameters": {"weight": 0.3}},
                          {"model": str(first), "parameters": {"weight": 0.7}}]}  # fmt: skip
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    _run(["mix", "recipe.yaml", "out"], tmp_path, kill="modeling_sphinx.shards:StreamingShardWriter.write:5:before")
+    _run(["mix", "recipe.yaml", "out"], tmp_path, kill=kill)
     assert _visible(tmp_path) == ["recipe.yaml"]  # only the hidden staging folder of the killed process
     _run(["mix", "recipe.yaml", "out"], tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml"]  # the abandoned staging is gone
@@ -62,12 +68,15 @@ def test_mix_killed_while_writing_leaves_nothing_and_runs_again(tiny_model_dir, 
     assert mixed.keys() == again.keys() and all(torch.equal(mixed[k], again[k]) for k in mixed)
 
 
-def test_convert_killed_while_writing_leaves_nothing_and_runs_again(tmp_path):
+@pytest.mark.parametrize("kill", ["modeling_sphinx.shards:StreamingShardWriter.write:1:after",
+                                  "modeling_sphinx.shards:StreamingShardWriter.write:10:after",
+                                  "modeling_sphinx.card:write_model_card:1:after"])  # fmt: skip
+def test_convert_killed_while_writing_leaves_nothing_and_runs_again(kill, tmp_path):
     fixture = PARITY / "llama_ens5_light"
     manifest = json.loads((fixture / "manifest.json").read_text())
     (tmp_path / "sizes.json").write_text(json.dumps(manifest["size_changes_vs_real_model"]))
     args = ["convert", str(fixture / "checkpoint"), "hf", "--encoder-sizes", "sizes.json"]
-    _run(args, tmp_path, kill="modeling_sphinx.shards:StreamingShardWriter.write:10:after")
+    _run(args, tmp_path, kill=kill)
     assert _visible(tmp_path) == ["sizes.json"]
     _run(args, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "sizes.json"]
@@ -111,14 +120,16 @@ def test_train_killed_resumes_from_the_last_complete_checkpoint_to_the_same_weig
     assert not list(out.glob(".checkpoint-*.partial"))
 
 
-def test_eval_killed_resumes_to_the_same_metrics(quick_demo, tmp_path):
+@pytest.mark.parametrize("batches", [1, 3])
+def test_eval_killed_resumes_to_the_same_metrics(batches, quick_demo, tmp_path):
     model = quick_demo[0] / "best"
     split = next((quick_demo[0] / "data").glob("real-1???????"))
     args = ["eval", str(model), "--task", "rec", "--data", str(split / "grounding.jsonl"), "--batch-size", "2"]
     _run([*args, "--out", "whole"], tmp_path)
-    _run([*args, "--out", "cut"], tmp_path, kill="modeling_sphinx.inference:generate_answers:3:after")
+    _run([*args, "--out", "cut"], tmp_path, kill=f"modeling_sphinx.inference:generate_answers:{batches}:after")
     assert not (tmp_path / "cut" / "metrics.json").exists()
-    assert len((tmp_path / "cut" / "predictions.jsonl").read_text().splitlines()) == 4  # two batches flushed
+    kept = len((tmp_path / "cut" / "predictions.jsonl").read_text().splitlines())
+    assert kept == 2 * (batches - 1)  # the batches before the killed one were flushed
     _run([*args, "--out", "cut", "--resume"], tmp_path)
     whole, cut = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "cut"))
     assert cut["metrics"] == whole["metrics"]
