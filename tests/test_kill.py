@@ -142,13 +142,24 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_demo_killed_in_stage_2_redoes_only_that_stage(quick_demo, tmp_path):
+# the quick budget trains 12 + 12 caption steps, then 16 of stage 2 from the real parent: step 5 is inside the
+# first caption stage, step 30 inside that stage 2; the folders finished before each
+DEMO_KILLS = {5: ["init/model.safetensors"], 30: ["init/model.safetensors", "stage1-real/model/model.safetensors",
+                                                 "stage1-synthetic/model/model.safetensors"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("step", list(DEMO_KILLS))
+def test_demo_killed_redoes_only_its_unfinished_stage(step, quick_demo, tmp_path):
     out = tmp_path / "demo"
-    # the quick budget trains 12 + 12 caption steps, then stage 2 from the real parent: step 30 is inside it
-    _run(["demo", "--quick", "--out", str(out)], tmp_path, kill="transformers.trainer:Trainer.training_step:30:before")
-    finished = {p: _digest(p) for p in out.glob("stage1-*/model/model.safetensors")}
-    assert len(finished) == 2 and not (out / "stage2-real" / "model").exists()
+    _run(
+        ["demo", "--quick", "--out", str(out)],
+        tmp_path,
+        kill=f"transformers.trainer:Trainer.training_step:{step}:before",
+    )
+    finished = {name: _digest(out / name) for name in DEMO_KILLS[step]}
+    unfinished = "stage1-real" if step == 5 else "stage2-real"
+    assert not (out / unfinished / "model").exists() and not (out / "results.json").exists()
     _run(["demo", "--quick", "--out", str(out)], tmp_path)
-    assert {p: _digest(p) for p in finished} == finished  # stage 1 reused, not redone
+    assert {name: _digest(out / name) for name in finished} == finished  # reused, not redone
     assert json.loads((out / "results.json").read_text()) == json.loads((quick_demo[0] / "results.json").read_text())
     shutil.rmtree(out)
