@@ -42,6 +42,7 @@ from .demo import (
     task_stage,
     verdict,
 )
+from .folders import write_text_atomic
 from .world import DOMAINS
 
 # One instruction for every task, the task's own fields (question, expression, box or category) as its content
@@ -141,12 +142,12 @@ def _run_ablations(out: Path, quick: bool, force: bool, seed: int) -> dict:
     visual["best single encoder"] = best
 
     results = {"task mix": task_mix, "visual-embedding mix": visual}
-    (root / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_text_atomic(root / "results.json", json.dumps(results, indent=2) + "\n")
     plot_ablation(task_mix["arms"], "Task mix: stage 2 on all tasks, each task alone, one generic instruction",
                   root / "task_mix.png")  # fmt: skip
     plot_ablation(visual["arms"], "Visual-embedding mix: three encoders against each alone",
                   root / "visual_embedding_mix.png")  # fmt: skip
-    (root / "report.md").write_text(format_ablations(results) + "\n")
+    write_text_atomic(root / "report.md", format_ablations(results) + "\n")
     return results
 
 

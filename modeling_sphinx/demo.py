@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .folders import atomic_output_dir, write_text_atomic
 from .pretrain import ENCODERS
 from .processing.tasks_sphinx import TASK_INSTRUCTIONS
 from .world import DOMAINS, SHAPES, caption, render
@@ -395,7 +396,7 @@ def _run_demo(out: Path, quick: bool, force: bool, seed: int) -> dict:
         },  # fmt: skip
     }
     results["best"] = max(results["models"], key=lambda n: results["models"][n]["average"]["score"])
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     _publish(tuned[results["best"]], results, out)
     _examples(out / "best", eval_splits["real"], out)
     return results
@@ -407,16 +408,16 @@ def _publish(folder: Path, results: dict, out: Path):
     best = out / "best"
     if best.exists():
         shutil.rmtree(best)
-    shutil.copytree(folder, best)
-    for cell, value in results["models"][results["best"]].items():
-        if cell != "average":
-            metric, domain = cell.split()
-            # one dataset name per task: the Hub groups results by task type and dataset, and both tasks here are
-            # image-text-to-text, so a shared name would file grounding under VQA
-            record_in_card(
-                best, metric.lower(), f"sphinx-demo-{domain}-{metric.lower()}", {metric.lower(): value["score"]}
-            )
-    (best / "demo_model.txt").write_text(f"{results['best']}\n")
+    with atomic_output_dir(best) as staging:
+        shutil.copytree(folder, staging, dirs_exist_ok=True)
+        for cell, value in results["models"][results["best"]].items():
+            if cell != "average":
+                metric, domain = cell.split()
+                # one dataset name per task: the Hub groups results by task type and dataset, and both tasks here
+                # are image-text-to-text, so a shared name would file grounding under VQA
+                dataset = f"sphinx-demo-{domain}-{metric.lower()}"
+                record_in_card(staging, metric.lower(), dataset, {metric.lower(): value["score"]})
+        (staging / "demo_model.txt").write_text(f"{results['best']}\n")
 
 
 def _examples(model_dir: Path, split: Path, out: Path, count: int = 3) -> list[Path]:

@@ -66,6 +66,14 @@ def _written(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
+def write_text_atomic(path: Path, text: str) -> Path:
+    """`path.write_text(text)` that a crash cannot leave half-written: a sibling temporary file, then a rename."""
+    staging = path.with_name(f".{path.name}{STAGING_SUFFIX}")
+    staging.write_text(text)
+    os.replace(staging, path)
+    return path
+
+
 @contextmanager
 def atomic_output_dir(out_dir: str | Path, needed_bytes: int | None = None):
     """Yield a temporary folder next to `out_dir` that becomes `out_dir` only if the block completes.
