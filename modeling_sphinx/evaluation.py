@@ -129,7 +129,7 @@ EVAL_TASKS: dict[str, EvalTask] = {
         prompt=lambda row, size, where, template: task_prompt("detection", template, category=row["category"]),
         parse=lambda answer, row, size: metrics.predicted_boxes(answer, size),
         target=_boxes_target,
-        score=lambda parsed, target: float(metrics.matched_boxes(parsed, target) == len(parsed) == len(target)),
+        score=lambda parsed, target: float(metrics.exact_boxes(parsed, target)),
         aggregate=lambda rows: metrics.detection_metrics([r["parsed"] for r in rows], [r["target"] for r in rows]),
     ),
 }

@@ -66,9 +66,14 @@ def _written(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
+def staging_sibling(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place: a hidden sibling, `.NAME.partial`."""
+    return path.with_name(f".{path.name}{STAGING_SUFFIX}")
+
+
 def write_text_atomic(path: Path, text: str) -> Path:
     """`path.write_text(text)` that a crash cannot leave half-written: a sibling temporary file, then a rename."""
-    staging = path.with_name(f".{path.name}{STAGING_SUFFIX}")
+    staging = staging_sibling(path)
     staging.write_text(text)
     os.replace(staging, path)
     return path
@@ -86,8 +91,7 @@ def atomic_output_dir(out_dir: str | Path, needed_bytes: int | None = None):
         raise ValueError(f"output folder {str(out_dir)!r} exists and is not empty; choose a new path")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     needs = f"about {human_size(needed_bytes)}" if needed_bytes else "more"
-    free = shutil.disk_usage(out_dir.parent).free
-    if needed_bytes and free < needed_bytes:
+    if needed_bytes and (free := shutil.disk_usage(out_dir.parent).free) < needed_bytes:
         raise ValueError(
             f"{out_dir}: not enough space: it needs {needs} and {out_dir.parent} has {human_size(free)} free"
         )

@@ -199,6 +199,11 @@ def matched_boxes(predictions: list[list[float]], targets: list[list[float]], th
     return len(found)
 
 
+def exact_boxes(predictions: list[list[float]], targets: list[list[float]], threshold: float = 0.5) -> bool:
+    """Whether the predicted boxes are the true ones: as many, each matching its own at IoU >= `threshold`."""
+    return len(predictions) == len(targets) == matched_boxes(predictions, targets, threshold)
+
+
 def detection_metrics(predictions: list[list[list[float]]], targets: list[list[list[float]]]) -> dict[str, float]:
     """Detection without confidences (SPHINX lists boxes, it does not score them), per image and category at
     IoU >= 0.5: the share of samples whose boxes are exactly the true ones, and box precision and recall."""
@@ -207,7 +212,7 @@ def detection_metrics(predictions: list[list[list[float]]], targets: list[list[l
             f"detection_metrics needs as many predictions as targets, got {len(predictions)} and {len(targets)}"
         )
     matched = [matched_boxes(p, t) for p, t in zip(predictions, targets, strict=True)]
-    exact = [m == len(p) == len(t) for m, p, t in zip(matched, predictions, targets, strict=True)]
+    exact = [exact_boxes(p, t) for p, t in zip(predictions, targets, strict=True)]
     predicted = sum(len(p) for p in predictions)
     return {
         "exact": sum(exact) / len(exact),

@@ -36,7 +36,7 @@ from .build import save_model_folder
 from .card import hub_reference
 from .data import open_image
 from .dtypes import dtype_named
-from .folders import human_size, is_full_disk
+from .folders import STAGING_SUFFIX, human_size, is_full_disk, staging_sibling
 from .inference import load_model, load_processor
 from .sft_data import load_mixture
 
@@ -226,7 +226,7 @@ class SphinxSFTTrainer(SFTTrainer):
     def _save_checkpoint(self, model, trial):
         run_dir = Path(super()._get_output_dir(trial))
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = run_dir / f".{name}.partial"
+        staging = staging_sibling(run_dir / name)
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
         self._staging = str(staging)
@@ -317,13 +317,12 @@ def train(args: SphinxTuningArguments, training_args: SFTConfig, progress: str |
 def _full_disk(output_dir: Path, model) -> ValueError:
     """The error of a checkpoint that did not fit: its staging folder is removed (resuming finds the last
     complete checkpoint in any case)."""
-    incomplete = sorted(output_dir.glob(".checkpoint-*.partial"))
+    incomplete = sorted(output_dir.glob(staging_sibling(output_dir / f"{PREFIX_CHECKPOINT_DIR}-*").name))
     for staging in incomplete:
         shutil.rmtree(staging, ignore_errors=True)
-    incomplete = [output_dir / staging.name[1 : -len(".partial")] for staging in incomplete]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     optimizer = sum(8 * p.numel() for p in model.parameters() if p.requires_grad)  # AdamW's two float32 moments
-    where = incomplete[0] if incomplete else output_dir
+    where = output_dir / incomplete[0].name[1 : -len(STAGING_SUFFIX)] if incomplete else output_dir
     return ValueError(
         f"{where}: the filesystem is full; a checkpoint needs about {human_size(weights + optimizer)} (the incomplete "
         "checkpoint was removed: free space and resume from the last complete one with --resume_from_checkpoint)"
