@@ -2,7 +2,9 @@
 written), `eval` and `demo` leave no output or checkpoint that looks complete but is not; the same command run
 again completes, and resuming gives what an uninterrupted run gives.
 
-`tests/killer/sitecustomize.py` kills the child process at the `count`-th call of a named function."""
+`tests/killer/sitecustomize.py` kills the child process at the `count`-th call of a named function. Each command
+is killed at its points in turn, every re-run dying at the next point, so each test also shows that recovery
+survives being interrupted itself, and the suite starts a third fewer processes than one test per point would."""
 
 import hashlib
 import json
@@ -13,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -52,15 +53,15 @@ MIX_KILLS = ["modeling_sphinx.shards:StreamingShardWriter.write:1:before",
              "modeling_sphinx.shards:StreamingShardWriter.write:5:after", "modeling_sphinx.mixing:_write_card:1:after"]  # fmt: skip
 
 
-@pytest.mark.parametrize("kill", MIX_KILLS)
-def test_mix_killed_while_writing_leaves_nothing_and_runs_again(kill, tiny_model_dir, tmp_path):
+def test_mix_killed_while_writing_leaves_nothing_and_runs_again(tiny_model_dir, tmp_path):
     first = tiny_model_dir("sphinx-1k")
     recipe = {"merge_method": "linear", "base_model": str(first),
               "models": [{"model": str(first), "parameters": {"weight": 0.3}},
                          {"model": str(first), "parameters": {"weight": 0.7}}]}  # fmt: skip
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    _run(["mix", "recipe.yaml", "out"], tmp_path, kill=kill)
-    assert _visible(tmp_path) == ["recipe.yaml"]  # only the hidden staging folder of the killed process
+    for kill in MIX_KILLS:
+        _run(["mix", "recipe.yaml", "out"], tmp_path, kill=kill)
+        assert _visible(tmp_path) == ["recipe.yaml"], kill  # only hidden staging folders of killed processes
     _run(["mix", "recipe.yaml", "out"], tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml"]  # the abandoned staging is gone
     _run(["mix", "recipe.yaml", "again"], tmp_path)
@@ -68,51 +69,39 @@ def test_mix_killed_while_writing_leaves_nothing_and_runs_again(kill, tiny_model
     assert mixed.keys() == again.keys() and all(torch.equal(mixed[k], again[k]) for k in mixed)
 
 
-@pytest.mark.parametrize("kill", ["modeling_sphinx.shards:StreamingShardWriter.write:1:after",
-                                  "modeling_sphinx.shards:StreamingShardWriter.write:10:after",
-                                  "modeling_sphinx.card:write_model_card:1:after"])  # fmt: skip
-def test_convert_killed_while_writing_leaves_nothing_and_runs_again(kill, tmp_path):
+CONVERT_KILLS = ["modeling_sphinx.shards:StreamingShardWriter.write:1:after",
+                 "modeling_sphinx.shards:StreamingShardWriter.write:10:after",
+                 "modeling_sphinx.card:write_model_card:1:after"]  # fmt: skip
+
+
+def test_convert_killed_while_writing_leaves_nothing_and_runs_again(tmp_path):
     fixture = PARITY / "llama_ens5_light"
     manifest = json.loads((fixture / "manifest.json").read_text())
     (tmp_path / "sizes.json").write_text(json.dumps(manifest["size_changes_vs_real_model"]))
     args = ["convert", str(fixture / "checkpoint"), "hf", "--encoder-sizes", "sizes.json"]
-    _run(args, tmp_path, kill=kill)
-    assert _visible(tmp_path) == ["sizes.json"]
+    for kill in CONVERT_KILLS:
+        _run(args, tmp_path, kill=kill)
+        assert _visible(tmp_path) == ["sizes.json"], kill
     _run(args, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "sizes.json"]
     assert (tmp_path / "hf" / "config.json").is_file() and _weights(tmp_path / "hf")
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(world, tiny_model_dir, tmp_path_factory):
-    """The smoke preset's 8 steps in one go (checkpoints at 4 and 8): its final weights."""
-    out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    _run(train_args(tiny_model_dir("sphinx"), world, out), out.parent)
-    return _weights(out / "model")
-
-
-# (where the kill lands, the function and call that die): between steps 5 and 6, and inside the second
-# checkpoint's save, after its weights and before its optimizer state
-KILL_POINTS = {
-    "between steps": "transformers.trainer:Trainer.training_step:6:before",
-    "while writing checkpoint-8": "transformers.trainer:Trainer._save_optimizer_and_scheduler:2:before",
-}
-
-
-@pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_train_killed_resumes_from_the_last_complete_checkpoint_to_the_same_weights(
-    point,
-    world,
-    tiny_model_dir,
-    uninterrupted,
-    tmp_path,
-):
-    out = tmp_path / "run"
+def test_train_killed_resumes_from_the_last_complete_checkpoint_to_the_same_weights(world, tiny_model_dir, tmp_path):
+    """The smoke preset's 8 steps (checkpoints at 4 and 8), killed between steps 5 and 6; the resumed run killed
+    inside checkpoint-8's save, after its weights and before its optimizer state; then resumed to the end."""
     model = tiny_model_dir("sphinx")
-    _run(train_args(model, world, out), tmp_path, kill=KILL_POINTS[point])
-    assert _visible(out) == ["checkpoint-4"] or _visible(out) == ["README.md", "checkpoint-4"], _visible(out)
-    assert (out / "checkpoint-4" / "trainer_state.json").is_file() and not (out / "model").exists()
-    _run(train_args(model, world, out, "--resume_from_checkpoint", str(out / "checkpoint-4")), tmp_path)
+    _run(train_args(model, world, tmp_path / "whole"), tmp_path)
+    uninterrupted = _weights(tmp_path / "whole" / "model")
+    out = tmp_path / "run"
+    resume = ["--resume_from_checkpoint", str(out / "checkpoint-4")]
+    kills = [([], "transformers.trainer:Trainer.training_step:6:before"),
+             (resume, "transformers.trainer:Trainer._save_optimizer_and_scheduler:1:before")]  # fmt: skip
+    for extra, kill in kills:
+        _run(train_args(model, world, out, *extra), tmp_path, kill=kill)
+        assert _visible(out) in (["checkpoint-4"], ["README.md", "checkpoint-4"]), (kill, _visible(out))
+        assert (out / "checkpoint-4" / "trainer_state.json").is_file() and not (out / "model").exists()
+    _run(train_args(model, world, out, *resume), tmp_path)
     resumed = _weights(out / "model")
     assert resumed.keys() == uninterrupted.keys()
     largest = max((resumed[k] - uninterrupted[k]).abs().max().item() for k in resumed)
@@ -120,16 +109,18 @@ def test_train_killed_resumes_from_the_last_complete_checkpoint_to_the_same_weig
     assert not list(out.glob(".checkpoint-*.partial"))
 
 
-@pytest.mark.parametrize("batches", [1, 3])
-def test_eval_killed_resumes_to_the_same_metrics(batches, quick_demo, tmp_path):
+def test_eval_killed_resumes_to_the_same_metrics(quick_demo, tmp_path):
     model = quick_demo[0] / "best"
     split = next((quick_demo[0] / "data").glob("real-1???????"))
     args = ["eval", str(model), "--task", "rec", "--data", str(split / "grounding.jsonl"), "--batch-size", "2"]
     _run([*args, "--out", "whole"], tmp_path)
-    _run([*args, "--out", "cut"], tmp_path, kill=f"modeling_sphinx.inference:generate_answers:{batches}:after")
-    assert not (tmp_path / "cut" / "metrics.json").exists()
-    kept = len((tmp_path / "cut" / "predictions.jsonl").read_text().splitlines())
-    assert kept == 2 * (batches - 1)  # the batches before the killed one were flushed
+    # killed in its first batch, then resumed and killed in its third: batches 1 and 2 kept, two answers each
+    for extra, batch, kept in [([], 1, 0), (["--resume"], 3, 4)]:
+        _run(
+            [*args, "--out", "cut", *extra], tmp_path, kill=f"modeling_sphinx.inference:generate_answers:{batch}:after"
+        )
+        assert not (tmp_path / "cut" / "metrics.json").exists()
+        assert len((tmp_path / "cut" / "predictions.jsonl").read_text().splitlines()) == kept, batch
     _run([*args, "--out", "cut", "--resume"], tmp_path)
     whole, cut = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "cut"))
     assert cut["metrics"] == whole["metrics"]
@@ -143,22 +134,25 @@ def _digest(path: Path) -> str:
 
 
 # the quick budget trains 12 + 12 caption steps, then 16 of stage 2 from the real parent: step 5 is inside the
-# first caption stage, step 30 inside that stage 2; the folders finished before each
-DEMO_KILLS = {5: ["init/model.safetensors"], 30: ["init/model.safetensors", "stage1-real/model/model.safetensors",
-                                                 "stage1-synthetic/model/model.safetensors"]}  # fmt: skip
+# first caption stage, step 30 inside that stage 2 (the re-run redoes the first caption stage from its step 1);
+# (step, the stage it dies in, the folders finished before it)
+DEMO_KILLS = [(5, "stage1-real", ["init/model.safetensors"]),
+              (30, "stage2-real", ["init/model.safetensors", "stage1-real/model/model.safetensors",
+                                   "stage1-synthetic/model/model.safetensors"])]  # fmt: skip
 
 
-@pytest.mark.parametrize("step", list(DEMO_KILLS))
-def test_demo_killed_redoes_only_its_unfinished_stage(step, quick_demo, tmp_path):
+def test_demo_killed_redoes_only_its_unfinished_stage(quick_demo, tmp_path):
     out = tmp_path / "demo"
-    _run(
-        ["demo", "--quick", "--out", str(out)],
-        tmp_path,
-        kill=f"transformers.trainer:Trainer.training_step:{step}:before",
-    )
-    finished = {name: _digest(out / name) for name in DEMO_KILLS[step]}
-    unfinished = "stage1-real" if step == 5 else "stage2-real"
-    assert not (out / unfinished / "model").exists() and not (out / "results.json").exists()
+    finished = {}
+    for step, unfinished, done in DEMO_KILLS:
+        _run(
+            ["demo", "--quick", "--out", str(out)],
+            tmp_path,
+            kill=f"transformers.trainer:Trainer.training_step:{step}:before",
+        )
+        assert {name: _digest(out / name) for name in finished} == finished  # what had finished was reused
+        finished.update({name: _digest(out / name) for name in done if name not in finished})
+        assert not (out / unfinished / "model").exists() and not (out / "results.json").exists()
     _run(["demo", "--quick", "--out", str(out)], tmp_path)
     assert {name: _digest(out / name) for name in finished} == finished  # reused, not redone
     assert json.loads((out / "results.json").read_text()) == json.loads((quick_demo[0] / "results.json").read_text())
