@@ -135,10 +135,9 @@ def _digest(path: Path) -> str:
 
 # the quick budget trains 12 + 12 caption steps, then 16 of stage 2 from the real parent: step 5 is inside the
 # first caption stage, step 30 inside that stage 2 (the re-run redoes the first caption stage from its step 1);
-# (step, the stage it dies in, the folders finished before it)
+# (step, the stage it dies in, what finishes after the previous kill and before this one)
 DEMO_KILLS = [(5, "stage1-real", ["init/model.safetensors"]),
-              (30, "stage2-real", ["init/model.safetensors", "stage1-real/model/model.safetensors",
-                                   "stage1-synthetic/model/model.safetensors"])]  # fmt: skip
+              (30, "stage2-real", ["stage1-real/model/model.safetensors", "stage1-synthetic/model/model.safetensors"])]  # fmt: skip
 
 
 def test_demo_killed_redoes_only_its_unfinished_stage(quick_demo, tmp_path):
@@ -151,7 +150,7 @@ def test_demo_killed_redoes_only_its_unfinished_stage(quick_demo, tmp_path):
             kill=f"transformers.trainer:Trainer.training_step:{step}:before",
         )
         assert {name: _digest(out / name) for name in finished} == finished  # what had finished was reused
-        finished.update({name: _digest(out / name) for name in done if name not in finished})
+        finished.update({name: _digest(out / name) for name in done})
         assert not (out / unfinished / "model").exists() and not (out / "results.json").exists()
     _run(["demo", "--quick", "--out", str(out)], tmp_path)
     assert {name: _digest(out / name) for name in finished} == finished  # reused, not redone
