@@ -1,7 +1,8 @@
 """sphinx-mllm: SPHINX multimodal LLMs native to Hugging Face transformers.
 
 Importing the package registers the SPHINX classes with the transformers Auto classes, and marks them for
-`register_for_auto_class` so that every saved folder carries the remote-code files and its `auto_map`.
+`register_for_auto_class` so that every saved folder carries the remote-code files and its `auto_map`. It also
+keeps bitsandbytes from fetching a Hub kernel when PEFT or TRL import it (`modeling_sphinx.hub_kernels`).
 """
 
 from transformers import (
@@ -13,10 +14,12 @@ from transformers import (
 )
 
 from .configuration_sphinx import SPHINX_VARIANTS, SphinxConfig, SphinxVisionEncoderConfig
+from .hub_kernels import refuse_on_bitsandbytes_import
 from .modeling_sphinx import SphinxForConditionalGeneration, SphinxModel, SphinxPreTrainedModel
 from .processing.image_processing_sphinx import SphinxImageProcessor, SphinxImageProcessorPil
 from .processing.processing_sphinx import SphinxProcessor
 
+refuse_on_bitsandbytes_import()
 AutoConfig.register("sphinx", SphinxConfig, exist_ok=True)
 AutoConfig.register("sphinx_vision_encoder", SphinxVisionEncoderConfig, exist_ok=True)
 AutoModel.register(SphinxConfig, SphinxModel, exist_ok=True)

@@ -6,6 +6,7 @@ Heavy imports happen inside the commands that need them, so `--help`, `mix` and 
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -133,7 +134,13 @@ def _cmd_push(args):
 def _load(args):
     from .inference import load_pretrained
 
-    return load_pretrained(args.model, dtype=args.dtype, device_map=args.device_map, load_in_4bit=args.load_in_4bit)
+    return load_pretrained(
+        args.model,
+        dtype=args.dtype,
+        device_map=args.device_map,
+        load_in_4bit=args.load_in_4bit,
+        use_kernels=args.use_kernels,
+    )
 
 
 def _cmd_chat(args):
@@ -172,6 +179,11 @@ def _add_loading_arguments(parser: argparse.ArgumentParser):
         "--load-in-4bit",
         action="store_true",
         help="the LLM in 4-bit NF4 (bitsandbytes), towers and projectors in 16-bit",
+    )
+    parser.add_argument(
+        "--use-kernels",
+        action="store_true",
+        help="let transformers swap layers for Hub kernels, downloaded from the Hub at first use (off by default)",
     )
 
 
@@ -318,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "use_kernels", False):
+        os.environ["USE_HUB_KERNELS"] = "YES"  # transformers' switch, read by bitsandbytes' import guard too
     try:
         args.func(args)
     except ValueError as error:

@@ -53,12 +53,19 @@ def load_model(
     device_map=None,
     load_in_4bit: bool = False,
     trust_remote_code: bool = False,
+    use_kernels: bool = False,
 ):
     """The model in eval mode. `dtype`: "auto" (the folder's), a name of `STORAGE_DTYPES` or a torch dtype;
-    `load_in_4bit`: the LLM in NF4 with `dtype` as compute dtype (float32 for "auto"), towers in 16-bit."""
+    `load_in_4bit`: the LLM in NF4 with `dtype` as compute dtype (float32 for "auto"), towers in 16-bit;
+    `use_kernels`: let transformers swap layers for Hub kernels, downloaded at first use (`hub_kernels`)."""
     if isinstance(dtype, str) and dtype != "auto":
         dtype = dtype_named(dtype, STORAGE_DTYPES)
-    kwargs = {"dtype": dtype, "device_map": device_map, "trust_remote_code": trust_remote_code}
+    kwargs = {
+        "dtype": dtype,
+        "device_map": device_map,
+        "trust_remote_code": trust_remote_code,
+        "use_kernels": use_kernels,
+    }
     if load_in_4bit:
         compute = torch.float32 if dtype == "auto" else dtype
         kwargs.update(dtype=compute, quantization_config=four_bit_config(compute))

@@ -10,6 +10,7 @@ This file is copied flat into saved model folders as remote code: it imports onl
 """
 
 import functools
+import os
 from dataclasses import dataclass
 
 import timm
@@ -23,6 +24,7 @@ from transformers.generation import StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionModel
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+from transformers.utils import is_torchdynamo_compiling, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
@@ -40,6 +42,8 @@ except ImportError:  # transformers 5.19 and older (serving engines pin them) ha
     class MultimodalCausalLMOutputWithPast(CausalLMOutputWithPast):
         image_outputs: BaseModelOutputWithPooling | None = None
 
+
+logger = logging.get_logger(__name__)
 
 # The KV cache's argument and output field: `cache` in the newest transformers, `past_key_values` in 5.19 and older
 CACHE = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -116,6 +120,11 @@ class SphinxCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
         return None if self.image_outputs is None else self.image_outputs.pooler_output
 
 
+def hub_kernels_requested_by_environment() -> bool:
+    """Whether the environment asks for Hub kernels: transformers' own switch, `USE_HUB_KERNELS`, set to yes."""
+    return os.environ.get("USE_HUB_KERNELS", "").strip().upper() in ("1", "ON", "YES", "TRUE", "Y")
+
+
 def context_length(text_config) -> int | None:
     """Positions the LLM can attend over: `max_position_embeddings`, or what its RoPE scaling extends it to.
 
@@ -131,6 +140,13 @@ def context_length(text_config) -> int | None:
         return None
     original = rope.get("original_max_position_embeddings") or limit
     return max(limit, int(original * (rope.get("factor") or 1.0)))
+
+
+def visual_share(input_ids: torch.Tensor | None, config) -> str:
+    """ " (N of them visual tokens)" for the row of `input_ids` with the most image placeholders ("" if unknown)."""
+    if input_ids is None:
+        return ""
+    return f" ({int((input_ids == config.image_token_id).sum(-1).max())} of them visual tokens)"
 
 
 def cached_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> int:
@@ -200,6 +216,9 @@ class SphinxPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
+    # the forward with a cache and no pixels (generation's repeated step) and the prefill with images compile with
+    # no graph break: checks that read values on the device run only in eager mode (see `SphinxModel.forward`)
+    _can_compile_fullgraph = True
     _skip_keys_device_placement = ["past_key_values"]
     # Raw timm blocks contribute nothing to the aggregated list: each SphinxModel names the blocks it has.
     _no_split_modules = []
@@ -210,6 +229,13 @@ class SphinxPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with Hub kernels off unless asked for.
+
+        transformers kernelizes by default: on CUDA it replaces layers with compiled code downloaded from the Hub
+        at first use, which fails offline and runs code nobody asked for. Here `use_kernels` defaults to False,
+        or to True where the environment sets `USE_HUB_KERNELS=YES`; `use_kernels=True` asks for them.
+        """
+        kwargs.setdefault("use_kernels", hub_kernels_requested_by_environment())
         # loading replaces the parameters created in __init__, so the freeze is applied again afterwards
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
@@ -445,6 +471,27 @@ class SphinxModel(SphinxPreTrainedModel):
         )
         return views * (clip_std / std) + (clip_mean - mean) / std
 
+    def check_positions(self, input_ids, inputs_embeds, position_ids=None, cache=None):
+        """Refuse a forward that reaches past the LLM's context (`context_length`).
+
+        The bound is per sequence: serving engines pack several sequences into one row, each with its own
+        positions, so with `position_ids` the furthest position counts, not the row's length. Reading the
+        positions synchronises with the device, so `forward` skips this under `torch.compile`.
+        """
+        context = context_length(self.config.text_config)
+        if context is None:
+            return
+        if position_ids is not None:
+            needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
+        else:
+            needed = int(cache.get_seq_length() if cache is not None else 0) + inputs_embeds.shape[1]
+        if needed > context:
+            raise ValueError(
+                f"the sequence needs {needed} positions{visual_share(input_ids, self.config)} but the model's "
+                f"context length is {context}; shorten the prompt or extend the context with RoPE scaling "
+                "(text_config.rope_parameters)"
+            )
+
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features) -> torch.BoolTensor:
         if input_ids is None:
             image_embedding = self.get_input_embeddings()(
@@ -453,12 +500,13 @@ class SphinxModel(SphinxPreTrainedModel):
             is_image = (inputs_embeds == image_embedding).all(-1)
         else:
             is_image = input_ids == self.config.image_token_id
-        n_tokens, n_features = int(is_image.sum()), image_features.shape[0] * image_features.shape[1]
-        if n_tokens != n_features:
-            raise ValueError(
-                f"Image features and image tokens do not match: the text has {n_tokens} image tokens, the "
-                f"{image_features.shape[0]} image(s) give {n_features} ({self.config.num_image_tokens} per image)"
-            )
+        if not is_torchdynamo_compiling():  # counting the placeholders synchronises with the device
+            n_tokens, n_features = int(is_image.sum()), image_features.shape[0] * image_features.shape[1]
+            if n_tokens != n_features:
+                raise ValueError(
+                    f"Image features and image tokens do not match: the text has {n_tokens} image tokens, the "
+                    f"{image_features.shape[0]} image(s) give {n_features} ({self.config.num_image_tokens} per image)"
+                )
         return is_image.unsqueeze(-1).expand_as(inputs_embeds)
 
     @can_return_tuple
@@ -478,28 +526,22 @@ class SphinxModel(SphinxPreTrainedModel):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        context = context_length(self.config.text_config)
-        if context is not None:
-            # the bound is per sequence: serving engines pack several sequences into one row, each with its own
-            # positions, so with `position_ids` the furthest position counts, not the row's length
-            if position_ids is not None:
-                needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
-            else:
-                needed = (cache.get_seq_length() if cache is not None else 0) + inputs_embeds.shape[1]
-            if needed > context:
-                n_image = int((input_ids == self.config.image_token_id).sum(-1).max()) if input_ids is not None else 0
-                raise ValueError(
-                    f"the sequence needs {needed} positions ({n_image} of them visual tokens) but the model's "
-                    f"context length is {context}; shorten the prompt or extend the context with RoPE scaling "
-                    "(text_config.rope_parameters)"
-                )
+        # these checks read values on the device, which a compiled graph cannot; `generate` checks the positions
+        # once per call
+        if not is_torchdynamo_compiling():
+            self.check_positions(input_ids, inputs_embeds, position_ids, cache)
         image_outputs = None
         if pixel_values is not None:
             image_outputs = self.get_image_features(pixel_values, return_dict=True)
             image_features = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
-        elif cache is None and input_ids is not None and (input_ids == self.config.image_token_id).any():
+        elif (
+            cache is None
+            and input_ids is not None
+            and not is_torchdynamo_compiling()
+            and (input_ids == self.config.image_token_id).any()
+        ):
             # inside `generate` a cache is always given, and a draft model of assisted decoding reads the prompt
             # without pixels: transformers passes pixels to the main model only (see `generate`)
             raise ValueError("the text has image tokens but no pixel_values were given")
@@ -621,6 +663,35 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
             first += total
         return pixel_values[keep] if keep else None
 
+    def _fit_into_context(self, kwargs: dict, generation_config, input_ids: torch.Tensor | None):
+        """What the eager forward checks at every step, checked once per call, so that the step that generation
+        repeats reads nothing back from the device and compiles whole: the prompt must fit the LLM's context, and
+        `max_new_tokens` is cut to the room left, so a long request ends at the context with its text instead of
+        failing after generating it."""
+        context = context_length(self.config.text_config)
+        if context is None:
+            return
+        embeds, mask = kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
+        prompt = embeds.shape[1] if embeds is not None else input_ids.shape[1] if input_ids is not None else 0
+        if mask is not None:  # a continuation gives only the new ids, with a mask over the whole sequence
+            prompt = max(prompt, mask.shape[1])
+        if prompt > context:
+            raise ValueError(
+                f"the prompt needs {prompt} positions{visual_share(input_ids, self.config)} but the model's context "
+                f"length is {context}; shorten the prompt or extend the context with RoPE scaling "
+                "(text_config.rope_parameters)"
+            )
+        room = context - prompt + 1  # the last generated token is never fed back, so it needs no position
+        requested = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+        if requested is None:
+            requested = kwargs.get("max_length", generation_config.max_length) - prompt
+        if requested > room:
+            logger.warning(
+                f"max_new_tokens={requested} would run past the model's context of {context} positions (the prompt "
+                f"takes {prompt}): generating at most {room} new tokens"
+            )
+            kwargs["max_new_tokens"] = room
+
     @takes_cache("6.0.0")
     def generate(self, *args, stopping_criteria: StoppingCriteriaList | None = None, **kwargs):
         """`GenerationMixin.generate`, stopping each row at SPHINX's turn separator.
@@ -652,6 +723,7 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
                 and (input_ids[:, cached:] == self.config.image_token_id).any()
             ):
                 raise ValueError("the text has image tokens but no pixel_values were given")
+        self._fit_into_context(kwargs, generation_config, input_ids if isinstance(input_ids, torch.Tensor) else None)
         saved = getattr(generation_config, "separator_token_ids", None) or []
         sequences = kwargs.pop("separator_token_ids", saved)
         if sequences:

@@ -78,6 +78,10 @@ class SphinxTuningArguments:
         default=0, metadata={"help": "decoded images kept in memory between batches (0: decode every time)"}
     )
     model_dir: str | None = field(default=None, metadata={"help": "final model folder (default OUTPUT_DIR/model)"})
+    use_kernels: bool = field(
+        default=False,
+        metadata={"help": "let transformers swap layers for Hub kernels, downloaded at first use (needs the Hub)"},
+    )
 
     def __post_init__(self):
         if self.tuning not in ("full", "lora", "qlora"):
@@ -160,7 +164,12 @@ class ImageBoundaryCheckpoints(TrainerCallback):
 
 def load_model_to_tune(args: SphinxTuningArguments):
     """The model to tune, in `args.dtype`; for QLoRA with its LLM in 4-bit NF4."""
-    return load_model(args.model_name_or_path, dtype=args.dtype, load_in_4bit=args.tuning == "qlora")
+    return load_model(
+        args.model_name_or_path,
+        dtype=args.dtype,
+        load_in_4bit=args.tuning == "qlora",
+        use_kernels=args.use_kernels,
+    )
 
 
 class StageProgress(ProgressCallback):
@@ -248,18 +257,29 @@ class SphinxSFTTrainer(SFTTrainer):
         self.accelerator.wait_for_everyone()
 
 
-def train(args: SphinxTuningArguments, training_args: SFTConfig, progress: str | None = None) -> Path:
+def train(
+    args: SphinxTuningArguments,
+    training_args: SFTConfig,
+    progress: str | None = None,
+    model=None,
+    processor=None,
+) -> Path:
     """Run one fine-tuning job; returns the folder of the final, complete model.
 
-    `progress`: show one progress bar with this name instead of Trainer's bar and printed logs."""
-    processor = load_processor(args.model_name_or_path)
+    `progress`: show one progress bar with this name instead of Trainer's bar and printed logs.
+    `model`, `processor`: tune this model (and tokenize with this processor) instead of loading them from
+    `args.model_name_or_path`, e.g. a model built from a config on the GPU, or one quantized or placed by the
+    caller. The model is tuned as it is: `args.dtype` and `use_kernels` do not apply to it, and QLoRA expects its
+    LLM already in 4-bit (`modeling_sphinx.quantization.four_bit_config`). A QLoRA run merges its adapter into a
+    16-bit copy loaded from `args.model_name_or_path`, so that must name the same weights."""
+    processor = processor if processor is not None else load_processor(args.model_name_or_path)
     check_max_length(training_args, processor)
     if args.streaming and training_args.max_steps <= 0:
         raise ValueError("a streamed mixture has no length: set max_steps")
     train_dataset = load_mixture(args.mixture, streaming=args.streaming)
     eval_dataset = load_mixture(args.eval_mixture) if args.eval_mixture else None
     training_args.remove_unused_columns = False
-    model = load_model_to_tune(args)
+    model = model if model is not None else load_model_to_tune(args)
     peft_config = _peft_config(args, model)
     collator = SphinxDataCollator(
         processor=processor,

@@ -1,0 +1,109 @@
+"""Hub kernels stay off unless asked for: the commands fetch no kernel and print nothing about kernels.
+
+Each child process loads `tests/loud_kernels/sitecustomize.py`, which makes every kernel fetcher of the `kernels`
+library print a marker and raise. On a CPU transformers would find no kernel to fetch for LLaMA even when on, so
+the opt-in test shows the fetchers are reached when asked for: what passes here without them passes on a GPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from .conftest import IMAGES, REPO, write_jsonl
+
+LOUD = Path(__file__).resolve().parent / "loud_kernels"
+MARKER = "LOUD_KERNEL_FETCH"
+
+
+def _run(code: str, cwd: Path, path: tuple[str, ...] = (), **env) -> subprocess.CompletedProcess:
+    """`code` in a child process with loud kernel fetchers, offline, with `path` first on `PYTHONPATH`."""
+    environment = {name: value for name, value in os.environ.items() if name != "USE_HUB_KERNELS"}
+    environment.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2", **env)
+    environment["PYTHONPATH"] = os.pathsep.join([str(LOUD), *path, os.environ.get("PYTHONPATH", "")])
+    command = [sys.executable, "-c", textwrap.dedent(code)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=cwd, env=environment)
+
+
+def _commands(argvs: list[list[str]]) -> str:
+    """A program that runs each command line through the `sphinx-mllm` launcher and prints its exit status."""
+    return f"""
+        import sys
+        import sphinx_mllm_cli
+        for argv in {argvs!r}:
+            sys.argv = ["sphinx-mllm", *argv]
+            print("exit", argv[0], sphinx_mllm_cli.main(), flush=True)
+    """
+
+
+def test_init_train_chat_and_eval_fetch_and_print_nothing_about_kernels(world, tmp_path):
+    tiny = tmp_path / "tiny"
+    row = {"id": "a", "image": str(IMAGES / "chelsea.png"), "question": "What is it?", "answer": "cat"}
+    write_jsonl(tmp_path / "vqa.jsonl", [row])
+    argvs = [
+        ["init", "--variant", "sphinx-1k", "--tiny", str(tiny)],
+        ["train", str(REPO / "recipes" / "sft" / "smoke.yaml"), "--model_name_or_path", str(tiny), "--mixture",
+         str(world / "mixture.yaml"), "--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--save_steps", "2",
+         "--tuning", "lora", "--disable_tqdm", "true"],
+        ["chat", str(tiny), "--image", str(IMAGES / "chelsea.png"), "--prompt", "What is it?", "--max-new-tokens", "3"],
+        ["eval", str(tiny), "--task", "vqa", "--data", str(tmp_path / "vqa.jsonl"), "--out", str(tmp_path / "eval"),
+         "--max-new-tokens", "3"],
+    ]  # fmt: skip
+    pipeline_too = f"""
+        from transformers import pipeline
+        pipe = pipeline("image-text-to-text", model={str(tiny)!r})
+        print("pipeline", pipe(text=[{{"role": "user", "content": [{{"type": "image", "path": {str(IMAGES / "chelsea.png")!r}}},
+            {{"type": "text", "text": "What is it?"}}]}}], max_new_tokens=2)[0]["generated_text"][-1]["role"])
+    """
+    run = _run(_commands(argvs) + pipeline_too, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [line for line in run.stdout.splitlines() if line.startswith("exit ")] == [
+        "exit init 0",
+        "exit train 0",
+        "exit chat 0",
+        "exit eval 0",
+    ]
+    assert "pipeline assistant" in run.stdout
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    printed = (run.stdout + run.stderr).lower()
+    assert MARKER.lower() not in printed and "kernel" not in printed, [
+        line for line in (run.stdout + run.stderr).splitlines() if "kernel" in line.lower()
+    ]
+
+
+def test_use_kernels_reaches_the_kernel_fetchers(tiny_model_dir, tmp_path):
+    """The opt-in: `--use-kernels` lets transformers kernelize the model, which calls the (loud) fetchers."""
+    argv = ["chat", str(tiny_model_dir("sphinx")), "--image", str(IMAGES / "chelsea.png"), "--prompt", "Hi",
+            "--max-new-tokens", "2", "--use-kernels"]  # fmt: skip
+    run = _run(_commands([argv]), tmp_path)
+    assert f"{MARKER} kernelize" in run.stderr
+
+
+def test_bitsandbytes_imports_without_fetching_its_kernel_unless_asked(tmp_path):
+    """bitsandbytes fetches a Hub kernel when imported on a CPU with AVX512-BF16 and logs when it cannot; a stand-in
+    that always does so shows the import guard on any CPU."""
+    package = tmp_path / "standin" / "bitsandbytes"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        textwrap.dedent(
+            """
+            import logging
+            try:
+                from kernels import get_kernel
+                get_kernel("kernels-community/quantization-bitsandbytes", version=1)
+            except Exception as exc:
+                logging.getLogger(__name__).warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s", exc)
+            """
+        )
+    )
+    code = """
+        import modeling_sphinx, peft, bitsandbytes
+        print("imported", bitsandbytes.__file__)
+    """
+    quiet = _run(code, tmp_path, path=(str(package.parent),))
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert f"imported {package / '__init__.py'}" in quiet.stdout and quiet.stderr == ""
+    asked = _run(code, tmp_path, path=(str(package.parent),), USE_HUB_KERNELS="YES")
+    assert f"{MARKER} get_kernel ('kernels-community/quantization-bitsandbytes',)" in asked.stderr
