@@ -190,11 +190,10 @@ class SphinxQFormer(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
-        attention_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self.qformer(
-            query_embeds=queries, encoder_hidden_states=image_embeds, encoder_attention_mask=attention_mask
-        ).last_hidden_state
+        # every image token is attended to; an all-ones mask would give the same outputs, after a check of it that
+        # reads it back from the device
+        return self.qformer(query_embeds=queries, encoder_hidden_states=image_embeds).last_hidden_state
 
 
 class SeparatorStoppingCriteria(StoppingCriteria):
@@ -313,6 +312,7 @@ class SphinxModel(SphinxPreTrainedModel):
         self.start_img = nn.Parameter(torch.rand(1, 1, hidden_size))
         self.end_img = nn.Parameter(torch.rand(1, 1, hidden_size))
         self.language_model = AutoModel.from_config(config.text_config)
+        self._dinov2_affine: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see `to_dinov2_statistics`
         self._no_split_modules = self.encoder_block_classes()
         self.freeze_vision_encoders()
         self.post_init()
@@ -458,18 +458,25 @@ class SphinxModel(SphinxPreTrainedModel):
             last_hidden_state=fused, pooler_output=image_tokens, hidden_states=hidden_states
         )
 
-    @staticmethod
-    def to_dinov2_statistics(views: torch.Tensor) -> torch.Tensor:
+    def to_dinov2_statistics(self, views: torch.Tensor) -> torch.Tensor:
         """DINOv2's input: CLIP-normalised pixels re-normalised to ImageNet statistics, with the original's formula.
 
         `views` are normalised with the CLIP mean and std (what the processor gives); the result is what
-        ImageNet normalisation of the same pixels gives, up to rounding.
+        ImageNet normalisation of the same pixels gives, up to rounding. The formula's constants are made once per
+        dtype and device: making them copies four small tensors to the device, each a wait for it.
         """
-        clip_mean, clip_std, mean, std = (
-            torch.tensor(v, dtype=views.dtype, device=views.device).view(3, 1, 1)
-            for v in (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, IMAGENET_MEAN, IMAGENET_STD)
-        )
-        return views * (clip_std / std) + (clip_mean - mean) / std
+        key = (views.dtype, views.device)
+        affine = None if is_torchdynamo_compiling() else self._dinov2_affine.get(key)
+        if affine is None:
+            clip_mean, clip_std, mean, std = (
+                torch.tensor(v, dtype=views.dtype, device=views.device).view(3, 1, 1)
+                for v in (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, IMAGENET_MEAN, IMAGENET_STD)
+            )
+            affine = (clip_std / std, (clip_mean - mean) / std)
+            if not is_torchdynamo_compiling():
+                self._dinov2_affine[key] = affine
+        scale, shift = affine
+        return views * scale + shift
 
     def check_positions(self, input_ids, inputs_embeds, position_ids=None, cache=None):
         """Refuse a forward that reaches past the LLM's context (`context_length`).

@@ -12,6 +12,7 @@ import logging
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForImageTextToText, AutoProcessor, CompileConfig, DynamicCache, StaticCache
 
 from modeling_sphinx import SphinxConfig, SphinxForConditionalGeneration
@@ -152,3 +153,30 @@ def test_generation_stops_at_the_context_and_a_prompt_past_it_is_refused_up_fron
     too_long = torch.tensor([[1] + [config.image_token_id] * visual + [5] * 40])
     with pytest.raises(ValueError, match=rf"prompt needs 332 positions \({visual} of them visual tokens\).*320"):
         model.generate(input_ids=too_long, pixel_values=pixels, max_new_tokens=4)
+
+
+class HostRoundTrips(TorchDispatchMode):
+    """Counts the operations that wait for the device: reading a value back, or copying a host value to it."""
+
+    WAITING = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.lift_fresh", "aten.item")
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) in self.WAITING:
+            self.found.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_encoding_images_never_waits_for_the_device(tiny_model_dir):
+    """`get_image_features` queues its whole work without a read back or a host copy, so the launches of its ~1,650
+    kernels (at full size) overlap the device's work, and the encoders can be captured in CUDA graphs."""
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir("sphinx-1k")).eval()
+    pixels = torch.randn(2, 3, model.config.image_size, model.config.image_size)
+    with torch.no_grad():
+        model.get_image_features(pixels)  # the first call makes the constants of each dtype and device
+        with HostRoundTrips() as waits:
+            model.get_image_features(pixels)
+    assert waits.found == []
