@@ -32,13 +32,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start(model: Path, port: int) -> subprocess.Popen:
-    """`sphinx-mllm serve` in its own process, once it answers."""
+def start(model: Path, port: int, *options: str, output=subprocess.DEVNULL) -> subprocess.Popen:
+    """`sphinx-mllm serve MODEL --port PORT OPTIONS` in its own process (its console to `output`), once it answers."""
     import httpx
 
-    command = Path(sys.executable).with_name("sphinx-mllm")
-    server = subprocess.Popen([str(command), "serve", str(model), "--port", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    command = [sys.executable, "-m", "sphinx_mllm_cli", "serve", str(model), "--port", str(port), *options]
+    server = subprocess.Popen(
+        command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if server.poll() is not None:

@@ -59,7 +59,7 @@ def _cmd_train(args):
         out = train_main(["--config", args.config, *args.overrides])
     except DataError as error:
         raise ValueError(str(error)) from None
-    print(f"trained model saved to {out}")
+    print(f"trained model saved to {out}" if out else "trained (save_final_model is off: no final model folder)")
 
 
 def _cmd_eval(args):

@@ -78,6 +78,10 @@ class SphinxTuningArguments:
         default=0, metadata={"help": "decoded images kept in memory between batches (0: decode every time)"}
     )
     model_dir: str | None = field(default=None, metadata={"help": "final model folder (default OUTPUT_DIR/model)"})
+    save_final_model: bool = field(
+        default=True,
+        metadata={"help": "write the final model folder (off: only checkpoints and trainer_state.json)"},
+    )
     use_kernels: bool = field(
         default=False,
         metadata={"help": "let transformers swap layers for Hub kernels, downloaded at first use (needs the Hub)"},
@@ -263,15 +267,18 @@ def train(
     progress: str | None = None,
     model=None,
     processor=None,
-) -> Path:
-    """Run one fine-tuning job; returns the folder of the final, complete model.
+    callbacks: list[TrainerCallback] | None = None,
+) -> Path | None:
+    """Run one fine-tuning job; returns the folder of the final, complete model (`None` with
+    `save_final_model` off).
 
     `progress`: show one progress bar with this name instead of Trainer's bar and printed logs.
     `model`, `processor`: tune this model (and tokenize with this processor) instead of loading them from
     `args.model_name_or_path`, e.g. a model built from a config on the GPU, or one quantized or placed by the
     caller. The model is tuned as it is: `args.dtype` and `use_kernels` do not apply to it, and QLoRA expects its
     LLM already in 4-bit (`modeling_sphinx.quantization.four_bit_config`). A QLoRA run merges its adapter into a
-    16-bit copy loaded from `args.model_name_or_path`, so that must name the same weights."""
+    16-bit copy loaded from `args.model_name_or_path`, so that must name the same weights.
+    `callbacks`: more `TrainerCallback`s for the trainer (e.g. to time steps)."""
     processor = processor if processor is not None else load_processor(args.model_name_or_path)
     check_max_length(training_args, processor)
     if args.streaming and training_args.max_steps <= 0:
@@ -296,6 +303,7 @@ def train(
         processing_class=processor,
         data_collator=collator,
         peft_config=peft_config,
+        callbacks=callbacks,
     )
     if progress is not None:
         for default in (ProgressCallback, PrinterCallback):
@@ -317,6 +325,8 @@ def train(
         if is_full_disk(error):
             raise _full_disk(Path(training_args.output_dir), trainer.model) from None
         raise
+    if not args.save_final_model:
+        return None
     model_dir = Path(args.model_dir or Path(training_args.output_dir) / "model")
     if trainer.accelerator.is_main_process:
         final = _merged(trainer, args)
@@ -378,7 +388,7 @@ def make_parser() -> TrlParser:
     return TrlParser((SphinxTuningArguments, SFTConfig))
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | None:
     """Parse `--config CONFIG.yaml` plus command-line overrides (paths relative to the working directory), train."""
     args, training_args = make_parser().parse_args_and_config(args=argv)
     return train(args, training_args)
