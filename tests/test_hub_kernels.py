@@ -28,13 +28,17 @@ def _run(code: str, cwd: Path, path: tuple[str, ...] = (), **env) -> subprocess.
 
 
 def _commands(argvs: list[list[str]]) -> str:
-    """A program that runs each command line through the `sphinx-mllm` launcher and prints its exit status."""
+    """A program that runs each command line through the `sphinx-mllm` launcher and prints its exit status (or the
+    exception that ended it)."""
     return f"""
         import sys
         import sphinx_mllm_cli
         for argv in {argvs!r}:
             sys.argv = ["sphinx-mllm", *argv]
-            print("exit", argv[0], sphinx_mllm_cli.main(), flush=True)
+            try:
+                print("exit", argv[0], sphinx_mllm_cli.main(), flush=True)
+            except Exception as error:
+                print("exit", argv[0], type(error).__name__, error, flush=True)
     """
 
 
@@ -73,12 +77,23 @@ def test_init_train_chat_and_eval_fetch_and_print_nothing_about_kernels(world, t
     ]
 
 
-def test_use_kernels_reaches_the_kernel_fetchers(tiny_model_dir, tmp_path):
-    """The opt-in: `--use-kernels` lets transformers kernelize the model, which calls the (loud) fetchers."""
-    argv = ["chat", str(tiny_model_dir("sphinx")), "--image", str(IMAGES / "chelsea.png"), "--prompt", "Hi",
-            "--max-new-tokens", "2", "--use-kernels"]  # fmt: skip
-    run = _run(_commands([argv]), tmp_path)
-    assert f"{MARKER} kernelize" in run.stderr
+def test_use_kernels_reaches_the_kernel_fetchers(tiny_model_dir, world, tmp_path):
+    """The opt-in: `--use-kernels` (chat) and `use_kernels: true` (train) let transformers kernelize the model,
+    which calls the (loud) fetchers."""
+    tiny = str(tiny_model_dir("sphinx"))
+    argvs = [
+        ["chat", tiny, "--image", str(IMAGES / "chelsea.png"), "--prompt", "Hi", "--max-new-tokens", "2",
+         "--use-kernels"],
+        ["train", str(REPO / "recipes" / "sft" / "smoke.yaml"), "--model_name_or_path", tiny, "--mixture",
+         str(world / "mixture.yaml"), "--output_dir", str(tmp_path / "run"), "--max_steps", "1",
+         "--use_kernels", "true"],
+    ]  # fmt: skip
+    run = _run(_commands(argvs), tmp_path)
+    assert run.stderr.count(f"{MARKER} kernelize") == 2, run.stderr[-3000:]
+    assert [line.split(": ")[0] for line in run.stdout.splitlines() if line.startswith("exit ")] == [
+        f"exit chat RuntimeError {MARKER}",
+        f"exit train RuntimeError {MARKER}",
+    ]
 
 
 def test_bitsandbytes_imports_without_fetching_its_kernel_unless_asked(tmp_path):

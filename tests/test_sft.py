@@ -282,6 +282,32 @@ def test_smoke_preset_trains_saves_resumes_and_reloads(world, tiny_sphinx, tmp_p
     assert [e["loss"] for e in state["log_history"] if "loss" in e][4:] == pytest.approx(losses[4:], rel=1e-4)
 
 
+def test_a_model_object_is_tuned_in_place_with_callbacks_and_no_final_folder(world, tiny_sphinx, tmp_path):
+    """The seams `benchmarks/gpu_suite.py` uses: a model built from a config (not loaded from a folder), the
+    processor, a callback, and `save_final_model: false` for a run that only measures."""
+    from transformers import TrainerCallback
+
+    from modeling_sphinx import SphinxConfig, SphinxForConditionalGeneration
+    from modeling_sphinx.training import make_parser, train
+
+    class Steps(TrainerCallback):
+        seen = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seen.append(state.global_step)
+
+    config = SphinxConfig.from_pretrained(tiny_sphinx)
+    model = SphinxForConditionalGeneration(config)
+    before = model.lm_head.weight.detach().clone()
+    out = tmp_path / "run"
+    argv = train_args(tiny_sphinx, world, out, "--max_steps", "3", "--save_final_model", "false")[1:]
+    args, training_args = make_parser().parse_args_and_config(args=["--config", *argv])
+    processor = AutoProcessor.from_pretrained(tiny_sphinx)
+    assert train(args, training_args, model=model, processor=processor, callbacks=[Steps()]) is None
+    assert Steps.seen == [1, 2, 3] and not torch.equal(model.lm_head.weight, before)
+    assert (out / "trainer_state.json").is_file() and not (out / "model").exists()
+
+
 def test_lora_trains_only_the_named_modules_and_merges_back(world, tiny_sphinx, tmp_path):
     out = tmp_path / "lora"
     assert main(train_args(tiny_sphinx, world, out, "--tuning", "lora", "--learning_rate", "5e-3")) == 0
