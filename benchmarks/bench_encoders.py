@@ -10,7 +10,7 @@ and the DINOv2 re-normalisation copied four constant tensors to the device on ev
 the device to finish what was queued. Counted per call, on any device, with a dispatch mode: reads of a device
 value (`aten._local_scalar_dense`, `aten.is_nonzero`) and tensors made from host values (`aten.lift_fresh`); on CUDA also the
 synchronisations that `torch.cuda.set_sync_debug_mode` reports. Times are medians of eager calls; on CUDA also with
-the encoders captured in CUDA graphs (`torch.compile(mode="reduce-overhead")`), which the launch-bound encoders
+the encoders captured in CUDA graphs (`torch.compile(backend="cudagraphs")`), which the launch-bound encoders
 need to approach the card's matmul rate (`docs/gpu.md`). The outputs of both versions are checked to be equal.
 """
 
@@ -152,7 +152,7 @@ def main():
         rows["now"] = count(model, pixels, args.device)
         rows["now"]["ms"] = 1e3 * timed(lambda: model.get_image_features(pixels), args.device, args.repeats)
         if args.device == "cuda":
-            graphed = torch.compile(model.get_image_features, mode="reduce-overhead", fullgraph=True)
+            graphed = torch.compile(model.get_image_features, backend="cudagraphs", fullgraph=True)
             rows["now, CUDA graphs"] = {"ms": 1e3 * timed(lambda: graphed(pixels), args.device, args.repeats)}
     print(f"device={args.device} dtype={args.dtype} depth={depth}, one 448-px image (5 views), get_image_features")
     columns = ["ops", *HOST_ROUND_TRIPS, "synchronisations", "ms"]

@@ -10,12 +10,16 @@ import pytest
 import torch
 
 from .conftest import REPO
+from .test_hub_kernels import LOUD, MARKER
 
 SUITE = REPO / "benchmarks" / "gpu_suite.py"
 
 
 def _suite(*args: str, cwd) -> subprocess.CompletedProcess:
+    """The suite offline, with every Hub kernel fetcher made to fail loudly (`tests/loud_kernels`), in it and in
+    the commands it runs."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    env["PYTHONPATH"] = os.pathsep.join([str(LOUD), os.environ.get("PYTHONPATH", "")])
     env.pop("USE_HUB_KERNELS", None)
     return subprocess.run(
         [sys.executable, str(SUITE), *args], capture_output=True, text=True, timeout=1200, cwd=cwd, env=env
@@ -36,6 +40,7 @@ def test_every_section_runs_on_the_cpu(dry_run):
         name: "ok" for name in ("card", "numerics", "inference", "lora", "qlora", "full_finetune", "commands")
     }
     assert report["tiny"] and report["environment"]["versions"]["torch"]
+    assert MARKER not in run.stdout + run.stderr and "kernel" not in run.stderr.lower()
 
 
 def test_the_dry_run_measures_what_the_gpu_run_reports(dry_run):
@@ -58,6 +63,7 @@ def test_the_dry_run_measures_what_the_gpu_run_reports(dry_run):
         assert tuned["tokens_per_s"] > 0 and math.isfinite(tuned["last_loss"]), name
     commands = results["commands"]
     assert set(commands) == {"init", "train", "chat", "chat --load-in-4bit", "eval", "serve", "all_ok"}
+    # each command finished and printed no line about kernels, with the fetchers failing loudly
     assert commands["all_ok"], {name: c for name, c in commands.items() if name != "all_ok" and not c["ok"]}
 
 
