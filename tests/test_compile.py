@@ -16,24 +16,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForImageTextToText, AutoProcessor, CompileConfig, DynamicCache, StaticCache
 
 from modeling_sphinx import SphinxConfig, SphinxForConditionalGeneration
+from modeling_sphinx.inference import chat_inputs
 
 from .conftest import IMAGES, image_message
 
 NEW_TOKENS = 6
 
 
-def _batch(processor, questions=("What is it?", "Please provide the bounding box of the cat.")):
+def _batch(model, processor, questions=("What is it?", "Please provide the bounding box of the cat.")):
     """Two questions about one photo, left-padded into one batch."""
     image = Image.open(IMAGES / "chelsea.png")
-    conversations = [image_message(question, image) for question in questions]
-    return processor.apply_chat_template(
-        conversations,
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        processor_kwargs={"padding": True},
-    )
+    return chat_inputs(model, processor, [image_message(question, image) for question in questions])
 
 
 def _greedy(model, inputs, **kwargs):
@@ -85,7 +78,7 @@ def test_decode_step_and_prefill_compile_with_no_graph_break(variant):
 
 def test_static_cache_generation_equals_the_default(model_and_processor):
     model, processor = model_and_processor
-    inputs = _batch(processor)
+    inputs = _batch(model, processor)
     default = _greedy(model, inputs)
     static = _greedy(model, inputs, cache_implementation="static")
     assert isinstance(default.cache, DynamicCache) and isinstance(static.cache, StaticCache)
@@ -103,7 +96,10 @@ def test_compiled_generation_equals_eager_and_does_not_recompile(model_and_proce
     with `fullgraph=True` for two batches of the same shape, the second without recompiling."""
     model, processor = model_and_processor
     questions = ("What is it?", "Please provide the bounding box of the cat.")
-    batches = [_batch(processor, questions), _batch(processor, questions[::-1])]  # same shape, other rows
+    batches = [
+        _batch(model, processor, questions),
+        _batch(model, processor, questions[::-1]),
+    ]  # same shape, other rows
     compile_config = CompileConfig(backend="eager", fullgraph=True, dynamic=False)
     compile_config._compile_all_devices = True  # transformers compiles only on accelerators unless told
     torch.compiler.reset()
