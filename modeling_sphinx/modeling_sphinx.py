@@ -143,7 +143,8 @@ def context_length(text_config) -> int | None:
 
 
 def visual_share(input_ids: torch.Tensor | None, config) -> str:
-    """ " (N of them visual tokens)" for the row of `input_ids` with the most image placeholders ("" if unknown)."""
+    """The words ` (N of them visual tokens)` for the row of `input_ids` with the most image placeholders, for
+    errors about positions (nothing without `input_ids`)."""
     if input_ids is None:
         return ""
     return f" ({int((input_ids == config.image_token_id).sum(-1).max())} of them visual tokens)"
