@@ -19,7 +19,7 @@ import torch
 from bench_inference import TEXT  # this folder is on the path when the script runs
 from PIL import Image
 
-from modeling_sphinx.build import init_model
+from modeling_sphinx.folder.create import init_model
 from modeling_sphinx.inference import Chat, load_pretrained
 
 QUESTIONS = ("What is shown in this image?", "What colour is it?", "Where is it in the image?")

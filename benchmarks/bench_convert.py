@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 from modeling_sphinx import SphinxConfig, SphinxForConditionalGeneration
-from modeling_sphinx.convert import write_original_checkpoint
-from modeling_sphinx.tokenizer import train_tiny_sentencepiece
+from modeling_sphinx.folder.convert import write_original_checkpoint
+from modeling_sphinx.folder.tokenizer import train_tiny_sentencepiece
 
 CONVERT = """
 import json, resource, sys, time
-from modeling_sphinx.convert import convert_checkpoint
+from modeling_sphinx.folder.convert import convert_checkpoint
 start = time.perf_counter()
 convert_checkpoint(sys.argv[1], sys.argv[2], dtype="bfloat16", max_shard_size="500MB", encoder_sizes=json.loads(sys.argv[3]))
 print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))

@@ -1,4 +1,4 @@
-"""Evaluation throughput of `modeling_sphinx.evaluation.evaluate` at batch sizes 1, 4 and 16, same run.
+"""Evaluation throughput of `modeling_sphinx.evaluation.runner.evaluate` at batch sizes 1, 4 and 16, same run.
 
     .venv/bin/python benchmarks/bench_eval.py [--samples 32] [--max-new-tokens 8] [--device cpu]
 
@@ -18,8 +18,8 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from modeling_sphinx.build import init_model
-from modeling_sphinx.evaluation import evaluate
+from modeling_sphinx.evaluation.runner import evaluate
+from modeling_sphinx.folder.create import init_model
 
 
 def make_rows(root: Path, samples: int) -> Path:

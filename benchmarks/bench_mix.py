@@ -22,8 +22,8 @@ import yaml
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
-from modeling_sphinx.build import init_model
-from modeling_sphinx.shards import LazyCheckpoint
+from modeling_sphinx.folder.create import init_model
+from modeling_sphinx.folder.shards import LazyCheckpoint
 
 TEXT = {
     "hidden_size": 2048,

@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/bench_serving.py MODEL [--requests 64] [--concurrency 16] [--max-tokens 32]
 
 Starts `vllm serve MODEL --model-impl transformers --trust-remote-code` on a free port, sends `--requests`
-grounding questions about generated scenes (`modeling_sphinx.world`), `--concurrency` at a time, through the
-OpenAI client with `modeling_sphinx.client.chat_request` (greedy, stop at the separator, `<image>` banned), then
+grounding questions about generated scenes (`modeling_sphinx.miniature.world`), `--concurrency` at a time, through the
+OpenAI client with `modeling_sphinx.serving.client.chat_request` (greedy, stop at the separator, `<image>` banned), then
 answers the same questions with `generate` in this process, one at a time, as the baseline. It prints requests
 per second both ways and their ratio, latency percentiles, and how many served answers equal `generate`'s.
 
@@ -42,8 +42,8 @@ def missing(vllm: str | None) -> str | None:
 
 
 def questions(count: int):
+    from modeling_sphinx.miniature.world import render
     from modeling_sphinx.processing.tasks_sphinx import TASK_INSTRUCTIONS
-    from modeling_sphinx.world import render
 
     for seed in range(50_000_000, 50_000_000 + count):
         image, shapes, _ = render(seed, "real")
@@ -72,7 +72,7 @@ def start_server(vllm: str, model: str, port: int, log) -> subprocess.Popen:
 def served_answers(model, port, asked, processor, concurrency, max_tokens):
     from openai import OpenAI
 
-    from modeling_sphinx.client import chat_request
+    from modeling_sphinx.serving.client import chat_request
 
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
 

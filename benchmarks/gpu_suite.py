@@ -16,7 +16,7 @@ generated world. Sections:
 - `inference`: SPHINX-1k at full size in bf16 (LLaMA-2-13B and the four encoders): one-image prefill and the
   encoders' share of it, eager decode against the same LLM driven as a plain `LlamaForCausalLM` and against the
   HBM bound, compiled static-cache decode (SPHINX and plain LLaMA compiled the same way), batch-8 decode;
-- `lora`, `qlora`: `recipes/sft/lora.yaml` and `qlora.yaml` on that model through `modeling_sphinx.training.train`
+- `lora`, `qlora`: `recipes/sft/lora.yaml` and `qlora.yaml` on that model through `modeling_sphinx.training.sft.train`
   (the model passed in memory; QLoRA quantized through `from_pretrained`), tokens/s and peak memory;
 - `full_finetune`: `recipes/sft/full.yaml` on SPHINX-Tiny-1k at full size;
 - `commands`: the user's commands on the device from a fresh tiny folder: `init`, `train` (smoke preset), `chat`,
@@ -47,7 +47,7 @@ import modeling_sphinx  # noqa: F401  (first: its import guard must come before 
 # isort: split
 from transformers import TrainerCallback
 
-from modeling_sphinx.folders import write_text_atomic
+from modeling_sphinx.folder.atomic import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -145,7 +145,7 @@ class Context:
     def tiny_folder(self, variant: str = "sphinx-1k") -> Path:
         """A tiny folder of `variant`: its processor (the variant's image geometry) serves the full-size model."""
         if variant not in self._folders:
-            from modeling_sphinx.build import init_model
+            from modeling_sphinx.folder.create import init_model
 
             self._folders[variant] = init_model(variant, self.scratch / f"tiny-{variant}", tiny=True)
         return self._folders[variant]
@@ -158,7 +158,7 @@ class Context:
     def data(self) -> Path:
         """A VQA + grounding mixture over the demo's generated images."""
         if self._data is None:
-            from modeling_sphinx.demo import mixture_file, write_split
+            from modeling_sphinx.miniature.demo import mixture_file, write_split
 
             split = write_split(self.scratch / "world", "real", 0, self.scale.train_images)
             weights = {"vqa": 1, "referring_expression": 1}
@@ -168,7 +168,7 @@ class Context:
     def build(self, variant: str, dtype: torch.dtype | None = None):
         """A SPHINX model of `variant` (full size unless `--tiny`) with random weights, built on the device."""
         from modeling_sphinx import SphinxConfig, SphinxForConditionalGeneration
-        from modeling_sphinx.build import build_generation_config
+        from modeling_sphinx.folder.create import build_generation_config
 
         processor = self.processor(variant)
         tokenizer = processor.tokenizer
@@ -189,7 +189,7 @@ class Context:
 
 
 def image():
-    from modeling_sphinx.world import render
+    from modeling_sphinx.miniature.world import render
 
     return render(0, "real")[0]
 
@@ -222,7 +222,7 @@ def numerics(ctx: Context) -> dict:
     from safetensors.torch import load_file
 
     from modeling_sphinx import SphinxForConditionalGeneration
-    from modeling_sphinx.convert import convert_checkpoint
+    from modeling_sphinx.folder.convert import convert_checkpoint
 
     fixtures = sorted(path for path in ctx.parity.glob("*") if (path / "manifest.json").is_file())
     if not fixtures:
@@ -413,9 +413,9 @@ class StepTimer(TrainerCallback):
 
 
 def tune(ctx: Context, recipe: str, model, processor, name: str, variant: str = "sphinx-1k") -> dict:
-    """`recipes/sft/RECIPE` on `model` through `modeling_sphinx.training.train`: tokens/s (median over the steps
+    """`recipes/sft/RECIPE` on `model` through `modeling_sphinx.training.sft.train`: tokens/s (median over the steps
     after the first), seconds per step, peak memory and the losses."""
-    from modeling_sphinx.training import make_parser, train
+    from modeling_sphinx.training.sft import make_parser, train
 
     out = ctx.scratch / name
     overrides = {
@@ -469,7 +469,7 @@ def lora(ctx: Context) -> dict:
 def qlora(ctx: Context) -> dict:
     """The LLM quantized to NF4 by `from_pretrained`, from the state of a model built on the device."""
     from modeling_sphinx import SphinxForConditionalGeneration
-    from modeling_sphinx.quantization import four_bit_config
+    from modeling_sphinx.inference import four_bit_config
 
     built, processor = ctx.build("sphinx-1k", dtype=torch.bfloat16)
     state, config = built.state_dict(), built.config

@@ -24,12 +24,12 @@ import datasets
 import torch
 from transformers.processing_utils import ProcessorMixin
 
-from modeling_sphinx.demo import TASK_WEIGHTS, mixture_file, write_split
 from modeling_sphinx.inference import load_pretrained
-from modeling_sphinx.pretrain import init_miniature
-from modeling_sphinx.sft_data import load_mixture
-from modeling_sphinx.training import SphinxDataCollator
-from modeling_sphinx.world import DOMAINS
+from modeling_sphinx.miniature.demo import TASK_WEIGHTS, mixture_file, write_split
+from modeling_sphinx.miniature.pretrain import init_miniature
+from modeling_sphinx.miniature.world import DOMAINS
+from modeling_sphinx.training.mixtures import load_mixture
+from modeling_sphinx.training.sft import SphinxDataCollator
 
 transformers_mask_rule = ProcessorMixin._adjust_assistant_masks_indices
 

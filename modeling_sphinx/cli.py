@@ -20,7 +20,7 @@ def register_models():
 
 def _cmd_init(args):
     register_models()
-    from .build import init_model
+    from .folder.create import init_model
 
     out = init_model(args.variant, args.out, tiny=args.tiny, tokenizer_model=args.tokenizer, seed=args.seed)
     print(f"wrote a random {'tiny ' if args.tiny else ''}{args.variant} model to {out}")
@@ -28,7 +28,7 @@ def _cmd_init(args):
 
 def _cmd_convert(args):
     register_models()
-    from .convert import convert_checkpoint
+    from .folder.convert import convert_checkpoint
 
     out = convert_checkpoint(
         args.src,
@@ -50,8 +50,8 @@ def _cmd_mix(args):
 
 def _cmd_train(args):
     register_models()
-    from .data import DataError
-    from .training import main as train_main
+    from .records import DataError
+    from .training.sft import main as train_main
 
     if not Path(args.config).is_file():
         raise ValueError(f"training config {args.config!r} does not exist")
@@ -64,7 +64,7 @@ def _cmd_train(args):
 
 def _cmd_eval(args):
     register_models()
-    from .evaluation import evaluate, record_in_card
+    from .evaluation.runner import evaluate, record_in_card
 
     processor, model = _load(args)
     out = Path(args.out or Path("runs") / "eval" / f"{Path(args.model).name}-{args.task}")
@@ -92,7 +92,7 @@ def _cmd_eval(args):
 def _cmd_demo(args):
     register_models()
     if args.action == "pretrain":
-        from .pretrain import pretrain
+        from .miniature.pretrain import pretrain
 
         if args.target is None:
             raise ValueError("demo pretrain needs the output folder: sphinx-mllm demo pretrain OUT")
@@ -102,13 +102,13 @@ def _cmd_demo(args):
         print(f"wrote the pretrained parts to {out} in {manifest['seconds']:.0f} s")
         return
     if args.ablations:
-        from .ablations import format_ablations, run_ablations
+        from .miniature.ablations import format_ablations, run_ablations
 
         run_ablations(args.out, quick=args.quick, force=args.force, seed=args.seed)
         print(format_ablations(json.loads((Path(args.out) / "ablations" / "results.json").read_text())))
         print(f"tables, plots and results: {Path(args.out) / 'ablations'}/report.md, *.png, results.json")
         return
-    from .demo import format_report, run_demo
+    from .miniature.demo import format_report, run_demo
 
     results = run_demo(args.out, quick=args.quick, force=args.force, seed=args.seed)
     print(format_report(results))
@@ -118,7 +118,7 @@ def _cmd_demo(args):
 
 
 def _cmd_push(args):
-    from .hub import push_folder
+    from .folder.publish import push_folder
 
     info = push_folder(
         args.folder,
@@ -145,8 +145,8 @@ def _load(args):
 
 def _cmd_chat(args):
     register_models()
-    from .data import open_image
     from .inference import Chat, draw_answer, read_answer
+    from .records import open_image
 
     image = open_image(args.image)  # fails early, with the file named, on a bad image
     processor, model = _load(args)
@@ -217,7 +217,7 @@ def _cmd_serve(args):
     except ImportError:
         raise ValueError('the web app needs the demo extra: pip install "sphinx-mllm[demo]"') from None
     register_models()
-    from .serve import build_app
+    from .serving.webapp import build_app
 
     processor, model = _load(args)
     app = build_app(model, processor, title=f"SPHINX · {Path(args.model).name}")

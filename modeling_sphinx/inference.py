@@ -22,10 +22,20 @@ from huggingface_hub.errors import HFValidationError
 from PIL import ImageDraw
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer
 
-from .dtypes import STORAGE_DTYPES, dtype_named
+from .folder.dtypes import STORAGE_DTYPES, dtype_named
 from .processing.tasks_sphinx import GroundedText, strip_separator
-from .quantization import four_bit_config
 
+# QLoRA and `--load-in-4bit` quantize the LLM alone: bitsandbytes would otherwise turn every `nn.Linear` of the
+# towers into 4-bit too, and this list replaces its default skips, so the output head is named as well
+QUANTIZATION_SKIP = [
+    "model.clip",
+    "model.convnext",
+    "model.dinov2",
+    "model.qformer",
+    "model.qformer_proj",
+    "model.visual_proj",
+    "lm_head",
+]
 ANSWER_COLOUR = (255, 64, 0)
 POINT_COLOUR = (0, 200, 255)
 TRUTH_COLOUR = (40, 200, 70)
@@ -45,6 +55,22 @@ def _explained_load_errors(name: str):
 def load_processor(name: str, trust_remote_code: bool = False):
     with _explained_load_errors(name):
         return AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+
+
+def four_bit_config(compute_dtype: torch.dtype = torch.bfloat16):
+    """`BitsAndBytesConfig` for the LLM alone (NF4, double quantisation), computing (and storing, for FSDP) in
+    `compute_dtype`; the towers, projectors and `lm_head` stay in 16-bit. QLoRA training and `chat --load-in-4bit`
+    share it."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_storage=compute_dtype,
+        llm_int8_skip_modules=QUANTIZATION_SKIP,
+    )
 
 
 def load_model(

@@ -69,10 +69,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from .dtypes import DTYPES
-from .folders import atomic_output_dir
-from .shapes import DECODER_SHAPE_FIELDS
-from .shards import LazyCheckpoint, StreamingShardWriter, parse_size
+from .folder.atomic import atomic_output_dir
+from .folder.dtypes import DTYPES
+from .folder.shards import DECODER_SHAPE_FIELDS, LazyCheckpoint, StreamingShardWriter, parse_size
 
 
 class RecipeError(ValueError):
@@ -662,13 +661,13 @@ def mix(recipe: "str | Path | dict | Recipe", out_dir: str | Path, max_shard_siz
 
 def _card_reference(written, folder: Path) -> str:
     """How a card names a recipe's model: its Hub id as written, else only the folder's name, never a local path."""
-    from .card import hub_reference
+    from .folder.card import hub_reference
 
     return hub_reference(written) or Path(os.path.abspath(folder)).name  # abspath: `..` resolved, links kept
 
 
 def _write_card(folder: Path, recipe: Recipe):
-    from .card import write_model_card
+    from .folder.card import write_model_card
 
     source = dict(recipe.source)
     if source.get("base_model"):

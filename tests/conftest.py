@@ -14,7 +14,7 @@ import yaml  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 import modeling_sphinx  # noqa: E402,F401  (registers the Auto classes)
-from modeling_sphinx.build import init_model  # noqa: E402
+from modeling_sphinx.folder.create import init_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

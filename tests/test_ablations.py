@@ -14,7 +14,8 @@ import yaml
 from PIL import Image
 
 from modeling_sphinx import SphinxConfig
-from modeling_sphinx.ablations import (
+from modeling_sphinx.cli import main
+from modeling_sphinx.miniature.ablations import (
     ALL_ENCODERS,
     ALL_TASKS,
     ALONE,
@@ -25,8 +26,7 @@ from modeling_sphinx.ablations import (
     format_ablations,
     single_task_steps,
 )
-from modeling_sphinx.cli import main
-from modeling_sphinx.demo import QUICK, TASK_WEIGHTS
+from modeling_sphinx.miniature.demo import QUICK, TASK_WEIGHTS
 
 CELLS = [f"{task} {domain}" for domain in ("real", "synthetic") for task in TRAINED_TASK]
 

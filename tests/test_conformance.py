@@ -16,7 +16,7 @@ from modeling_sphinx import (
     SphinxProcessor,
     SphinxVisionEncoderConfig,
 )
-from modeling_sphinx.build import init_model
+from modeling_sphinx.folder.create import init_model
 
 from .conftest import IMAGES, image_message
 

@@ -14,13 +14,13 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from modeling_sphinx import SphinxConfig, SphinxForConditionalGeneration
 from modeling_sphinx.cli import main
-from modeling_sphinx.convert import (
+from modeling_sphinx.folder.convert import (
     ConversionError,
     convert_checkpoint,
     resize_dinov2_pos_embed,
     write_original_checkpoint,
 )
-from modeling_sphinx.tokenizer import train_tiny_sentencepiece
+from modeling_sphinx.folder.tokenizer import train_tiny_sentencepiece
 
 from .conftest import PARITY
 

@@ -7,7 +7,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from modeling_sphinx.cli import main
-from modeling_sphinx.world import HEIGHT, WIDTH, render
+from modeling_sphinx.miniature.world import HEIGHT, WIDTH, render
 
 
 def _losses(folder):
@@ -75,7 +75,7 @@ def test_every_stage_2_start_gets_the_same_data_steps_and_settings(quick_demo):
 
 
 def test_the_report_decides_each_claim_from_its_numbers():
-    from modeling_sphinx.demo import format_report
+    from modeling_sphinx.miniature.demo import format_report
 
     def cells(score):
         one = {"score": score, "low": score - 0.05, "high": score + 0.05, "questions": 300}

@@ -11,7 +11,7 @@ from transformers import AutoProcessor
 
 from modeling_sphinx import metrics
 from modeling_sphinx.cli import main
-from modeling_sphinx.evaluation import evaluate
+from modeling_sphinx.evaluation.runner import evaluate
 from modeling_sphinx.processing.tasks_sphinx import format_box
 
 WIDE = (100, 200)  # (height, width): padded to a 200-px square, 50 rows above
@@ -306,7 +306,7 @@ def test_lmms_eval_plugin_runs_a_local_refcoco_task(eval_world, tiny_model_dir, 
     from lmms_eval.models import get_model
     from lmms_eval.tasks import TaskManager
 
-    import modeling_sphinx.lmms_eval_plugin as plugin
+    import modeling_sphinx.evaluation.lmms_eval_plugin as plugin
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     root, rows = eval_world
@@ -337,7 +337,7 @@ def test_lmms_eval_plugin_runs_a_local_refcoco_task(eval_world, tiny_model_dir, 
 
 def test_unpad_boxes_maps_to_fractions_of_the_original_image(tiny_model_dir):
     pytest.importorskip("lmms_eval", reason="the lmms-eval plugin needs the eval extra (pip install -e '.[eval]')")
-    from modeling_sphinx.lmms_eval_plugin import unpad_boxes
+    from modeling_sphinx.evaluation.lmms_eval_plugin import unpad_boxes
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir("sphinx"))
     text = unpad_boxes("[0.10,0.30,0.60,0.55]", WIDE, processor.post_process_generation)
@@ -346,7 +346,7 @@ def test_unpad_boxes_maps_to_fractions_of_the_original_image(tiny_model_dir):
 
 def test_lmms_eval_plugin_says_it_is_a_generation_only_chat_model(tiny_model_dir):
     pytest.importorskip("lmms_eval", reason="the lmms-eval plugin needs the eval extra (pip install -e '.[eval]')")
-    from modeling_sphinx.lmms_eval_plugin import SphinxLMMS
+    from modeling_sphinx.evaluation.lmms_eval_plugin import SphinxLMMS
 
     model = SphinxLMMS(pretrained=str(tiny_model_dir("sphinx")), device="cpu")
     assert model.is_simple is False  # lmms-eval builds only generation requests for chat models
@@ -357,7 +357,7 @@ def test_lmms_eval_plugin_says_it_is_a_generation_only_chat_model(tiny_model_dir
 
 
 def test_proportion_interval_is_wilsons():
-    from modeling_sphinx.metrics import proportion_interval
+    from modeling_sphinx.evaluation.metrics import proportion_interval
 
     low, high = proportion_interval(81, 100)  # Wilson's interval for 81 / 100: 0.722 to 0.875
     assert abs(low - 0.7222) < 1e-3 and abs(high - 0.8749) < 1e-3
@@ -370,7 +370,7 @@ def test_proportion_interval_is_wilsons():
 
 
 def test_paired_difference_on_the_same_questions():
-    from modeling_sphinx.metrics import paired_difference
+    from modeling_sphinx.evaluation.metrics import paired_difference
 
     mean, variance = paired_difference([1, 1, 0, 1], [0, 1, 0, 0])  # differences 1, 0, 0, 1
     assert mean == 0.5 and abs(variance - (1 / 3) / 4) < 1e-12

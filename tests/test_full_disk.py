@@ -87,7 +87,7 @@ def test_a_training_checkpoint_into_a_full_disk(world, tiny_model_dir, tmp_path)
 def test_a_disk_without_the_space_is_refused_before_writing(tiny_model_dir, tmp_path, monkeypatch, free):
     import shutil
 
-    from modeling_sphinx.folders import atomic_output_dir
+    from modeling_sphinx.folder.atomic import atomic_output_dir
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=free))

@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from modeling_sphinx.data import DataError, read_rows
 from modeling_sphinx.mixing import METHODS, Recipe
 from modeling_sphinx.processing.image_processing_sphinx import SphinxImageProcessor, SphinxImageProcessorPil
 from modeling_sphinx.processing.tasks_sphinx import parse_grounding
-from modeling_sphinx.sft_data import TASK_BUILDERS, Source, build_samples, read_mixture
+from modeling_sphinx.records import DataError, read_rows
+from modeling_sphinx.training.mixtures import TASK_BUILDERS, Source, build_samples, read_mixture
 
 EXAMPLES = 200
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,

@@ -13,10 +13,10 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from modeling_sphinx import SphinxConfig, SphinxForConditionalGeneration
-from modeling_sphinx.build import init_model
-from modeling_sphinx.card import ENCODER_NAMES, render_model_card
 from modeling_sphinx.cli import main
-from modeling_sphinx.hub import push_folder
+from modeling_sphinx.folder.card import ENCODER_NAMES, render_model_card
+from modeling_sphinx.folder.create import init_model
+from modeling_sphinx.folder.publish import push_folder
 
 from .conftest import IMAGES
 
@@ -234,7 +234,7 @@ def test_card_records_no_local_path(tiny_model_dir, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["model", "mix-0.5", ".hidden", "a.partial"])
 def test_a_folder_being_written_knows_its_published_name(tmp_path, name):
-    from modeling_sphinx.folders import atomic_output_dir, published_name
+    from modeling_sphinx.folder.atomic import atomic_output_dir, published_name
 
     with atomic_output_dir(tmp_path / name) as staging:
         assert staging.name != name and published_name(staging) == name

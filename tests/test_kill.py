@@ -49,8 +49,8 @@ def _visible(folder: Path) -> list[str]:
 
 
 # the first tensor, a middle one, and the last file before the folder is renamed into place
-MIX_KILLS = ["modeling_sphinx.shards:StreamingShardWriter.write:1:before",
-             "modeling_sphinx.shards:StreamingShardWriter.write:5:after", "modeling_sphinx.mixing:_write_card:1:after"]  # fmt: skip
+MIX_KILLS = ["modeling_sphinx.folder.shards:StreamingShardWriter.write:1:before",
+             "modeling_sphinx.folder.shards:StreamingShardWriter.write:5:after", "modeling_sphinx.mixing:_write_card:1:after"]  # fmt: skip
 
 
 def test_mix_killed_while_writing_leaves_nothing_and_runs_again(tiny_model_dir, tmp_path):
@@ -69,9 +69,9 @@ def test_mix_killed_while_writing_leaves_nothing_and_runs_again(tiny_model_dir, 
     assert mixed.keys() == again.keys() and all(torch.equal(mixed[k], again[k]) for k in mixed)
 
 
-CONVERT_KILLS = ["modeling_sphinx.shards:StreamingShardWriter.write:1:after",
-                 "modeling_sphinx.shards:StreamingShardWriter.write:10:after",
-                 "modeling_sphinx.card:write_model_card:1:after"]  # fmt: skip
+CONVERT_KILLS = ["modeling_sphinx.folder.shards:StreamingShardWriter.write:1:after",
+                 "modeling_sphinx.folder.shards:StreamingShardWriter.write:10:after",
+                 "modeling_sphinx.folder.card:write_model_card:1:after"]  # fmt: skip
 
 
 def test_convert_killed_while_writing_leaves_nothing_and_runs_again(tmp_path):

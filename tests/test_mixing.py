@@ -10,8 +10,9 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, pipeline
 
-from modeling_sphinx.build import init_model
 from modeling_sphinx.cli import main
+from modeling_sphinx.folder.create import init_model
+from modeling_sphinx.folder.shards import LazyCheckpoint
 from modeling_sphinx.mixing import (
     METHODS,
     BaseRole,
@@ -23,7 +24,6 @@ from modeling_sphinx.mixing import (
     mix_tensor,
     resolve_value,
 )
-from modeling_sphinx.shards import LazyCheckpoint
 
 from .conftest import IMAGES, image_message
 

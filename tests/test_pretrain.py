@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from modeling_sphinx.cli import main
 from modeling_sphinx.inference import load_pretrained
-from modeling_sphinx.pretrain import (
+from modeling_sphinx.miniature.pretrain import (
     ENCODERS,
     FULL,
     PART_PREFIXES,
@@ -25,7 +25,7 @@ from modeling_sphinx.pretrain import (
     init_miniature,
     load_parts,
 )
-from modeling_sphinx.world import MINIATURE
+from modeling_sphinx.miniature.world import MINIATURE
 
 
 @pytest.fixture(scope="module")

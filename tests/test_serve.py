@@ -146,7 +146,7 @@ def test_uploads_are_checked_and_shortcuts_write_the_original_instructions(tmp_p
     import gradio as gr
 
     from modeling_sphinx.processing.tasks_sphinx import format_box
-    from modeling_sphinx.serve import MAX_UPLOAD_BYTES, instruction, read_upload
+    from modeling_sphinx.serving.webapp import MAX_UPLOAD_BYTES, instruction, read_upload
 
     huge = tmp_path / "huge.png"
     Image.new("1", (8000, 7000)).save(huge)  # small file, 56 megapixels

@@ -28,9 +28,9 @@ from transformers import (
 )
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from modeling_sphinx.client import chat_request
 from modeling_sphinx.inference import chat_inputs, generate_answers, load_pretrained, user_turn
 from modeling_sphinx.processing.tasks_sphinx import TASK_INSTRUCTIONS
+from modeling_sphinx.serving.client import chat_request
 
 from .conftest import IMAGES
 

@@ -14,10 +14,9 @@ import yaml
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from modeling_sphinx.build import init_model
 from modeling_sphinx.cli import main
-from modeling_sphinx.data import DataError
-from modeling_sphinx.hub import check_folder
+from modeling_sphinx.folder.create import init_model
+from modeling_sphinx.folder.publish import check_folder
 from modeling_sphinx.processing.tasks_sphinx import (
     TASK_INSTRUCTIONS,
     format_box,
@@ -27,8 +26,9 @@ from modeling_sphinx.processing.tasks_sphinx import (
     format_point,
     parse_grounding,
 )
-from modeling_sphinx.sft_data import build_samples, load_mixture, read_mixture
-from modeling_sphinx.training import SphinxDataCollator
+from modeling_sphinx.records import DataError
+from modeling_sphinx.training.mixtures import build_samples, load_mixture, read_mixture
+from modeling_sphinx.training.sft import SphinxDataCollator
 
 from .conftest import IMAGES, train_args, write_jsonl
 
@@ -288,7 +288,7 @@ def test_a_model_object_is_tuned_in_place_with_callbacks_and_no_final_folder(wor
     from transformers import TrainerCallback
 
     from modeling_sphinx import SphinxConfig, SphinxForConditionalGeneration
-    from modeling_sphinx.training import make_parser, train
+    from modeling_sphinx.training.sft import make_parser, train
 
     class Steps(TrainerCallback):
         seen = []
@@ -413,7 +413,7 @@ def test_qlora_trains_with_the_towers_in_16_bit(world, tiny_sphinx, tmp_path):
     pytest.importorskip("bitsandbytes", reason="QLoRA needs the quant extra (pip install -e '.[quant]')")
     import bitsandbytes as bnb
 
-    from modeling_sphinx.training import SphinxTuningArguments, load_model_to_tune
+    from modeling_sphinx.training.sft import SphinxTuningArguments, load_model_to_tune
 
     with pytest.raises(ValueError, match="QLoRA trains in bfloat16"):
         SphinxTuningArguments(model_name_or_path=str(tiny_sphinx), mixture="unused", tuning="qlora", dtype="float32")
@@ -508,12 +508,12 @@ def test_trl_fsdp_configs_resolve_their_wrap_policy(variant):
 
 
 def test_a_failed_final_save_leaves_nothing_behind(world, tiny_sphinx, tmp_path, monkeypatch, capsys):
-    import modeling_sphinx.card
+    import modeling_sphinx.folder.card
 
     def broken_card(*args, **kwargs):
         raise ValueError("disk full while writing the card")
 
-    monkeypatch.setattr(modeling_sphinx.card, "write_model_card", broken_card)
+    monkeypatch.setattr(modeling_sphinx.folder.card, "write_model_card", broken_card)
     out = tmp_path / "run"
     assert main(train_args(tiny_sphinx, world, out, "--max_steps", "2", "--save_steps", "2")) == 2
     assert "disk full while writing the card" in capsys.readouterr().err
@@ -539,7 +539,7 @@ def test_moe_load_balancing_loss_trains(world, tmp_path):
 def test_whole_projectors_as_peft_modules_to_save(tiny_sphinx, world):
     from peft import LoraConfig, get_peft_model
 
-    from modeling_sphinx.training import LLM_LINEAR_LAYERS
+    from modeling_sphinx.training.sft import LLM_LINEAR_LAYERS
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_sphinx)
     config = LoraConfig(target_modules=LLM_LINEAR_LAYERS, modules_to_save=["visual_proj", "qformer_proj"])

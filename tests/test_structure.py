@@ -1,4 +1,5 @@
-"""How the package's modules depend on each other: public names only across modules, and no import circle."""
+"""How the package's modules depend on each other: the remote-code files stand alone, each role imports only what its
+docstring allows, public names only across modules, and no import circle."""
 
 import ast
 from pathlib import Path
@@ -8,11 +9,30 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"modeling_sphinx": REPO / "modeling_sphinx", "modeling_sphinx.processing": REPO / "processing"}
 
 
+# copied flat into saved model folders: they may import only each other, as single-dot siblings
+REMOTE_CODE = {
+    "modeling_sphinx.configuration_sphinx",
+    "modeling_sphinx.modeling_sphinx",
+    "modeling_sphinx.processing.image_processing_sphinx",
+    "modeling_sphinx.processing.processing_sphinx",
+    "modeling_sphinx.processing.tasks_sphinx",
+}
+# each role's subpackage never imports these (what the subpackages' docstrings say)
+FORBIDDEN = {
+    "modeling_sphinx.folder": ("training", "evaluation", "serving", "miniature", "inference", "mixing"),
+    "modeling_sphinx.training": ("evaluation", "serving", "miniature"),
+    "modeling_sphinx.evaluation": ("training", "serving", "miniature"),
+    "modeling_sphinx.serving": ("training", "evaluation", "miniature"),
+}
+
+
 def package_modules() -> dict[str, Path]:
+    """Every module of the package, subpackages included, by its import name."""
     modules = {}
     for package, folder in PACKAGE_DIRS.items():
-        for path in sorted(folder.glob("*.py")):
-            modules[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted(folder.rglob("*.py")):
+            parts = [package, *path.relative_to(folder).with_suffix("").parts]
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return modules
 
 
@@ -66,6 +86,41 @@ def private_attributes(module: str, path: Path, modules: dict[str, Path]) -> lis
     ]
 
 
+def test_the_remote_code_files_import_only_each_other_as_siblings():
+    modules = package_modules()
+    assert set(modules) >= REMOTE_CODE
+    offenders = []
+    for module in sorted(REMOTE_CODE):
+        path = modules[module]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                target = _absolute(module, node, False)
+                if node.level != 1 or target not in REMOTE_CODE:
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno} imports {'.' * node.level}{node.module}")
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                offenders += [
+                    f"{path.relative_to(REPO)}:{node.lineno} imports {n}"
+                    for n in names
+                    if n.startswith("modeling_sphinx")
+                ]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_each_role_imports_only_what_it_may_and_no_tool_imports_the_miniature():
+    modules = package_modules()
+    offenders = []
+    for module, path in modules.items():
+        forbidden = next((roles for package, roles in FORBIDDEN.items() if module.startswith(package)), ())
+        if not module.startswith(("modeling_sphinx.miniature", "modeling_sphinx.cli")):
+            forbidden = {*forbidden, "miniature"}
+        for target, _, line in imports_of(module, path, modules):
+            role = target.removeprefix("modeling_sphinx.").split(".")[0]
+            if role in forbidden:
+                offenders.append(f"{path.relative_to(REPO)}:{line} imports {target}")
+    assert not offenders, "\n".join(offenders)
+
+
 def test_no_module_takes_a_private_name_from_another():
     modules = package_modules()
     files = {**{f"file {p.relative_to(REPO)}": p for p in REPO.glob("tests/*.py")}}
@@ -107,18 +162,21 @@ def test_the_package_has_no_import_circle():
         module: {t for t, _, _ in imports_of(module, path, modules) if t not in (module, "modeling_sphinx")}
         for module, path in modules.items()
     }  # the package's __init__ only registers the Auto classes
-    assert len(graph) > 20 and graph["modeling_sphinx.cli"]
+    assert len(graph) > 25 and graph["modeling_sphinx.cli"]
     assert not circles_in(graph), "\n".join(circles_in(graph))
 
 
 def test_the_checks_see_what_they_judge(tmp_path):
     """The walkers find a private name taken and a circle in code made to have them."""
-    modules = {"modeling_sphinx.cli": Path("cli.py"), "modeling_sphinx.demo": Path("demo.py")}
+    modules = {"modeling_sphinx.cli": Path("cli.py"), "modeling_sphinx.miniature.demo": Path("demo.py")}
     demo = tmp_path / "demo.py"
-    demo.write_text("def run():\n    from .cli import _draw\n")
-    assert imports_of("modeling_sphinx.demo", demo, modules) == [("modeling_sphinx.cli", ["_draw"], 2)]
+    demo.write_text("def run():\n    from ..cli import _draw\n")
+    assert imports_of("modeling_sphinx.miniature.demo", demo, modules) == [("modeling_sphinx.cli", ["_draw"], 2)]
     bench = tmp_path / "bench.py"
     bench.write_text("from modeling_sphinx import cli\ncli._draw()\n")
     assert private_attributes("bench", bench, modules) == [("modeling_sphinx.cli", "_draw", 2)]
-    circle = {"modeling_sphinx.cli": {"modeling_sphinx.demo"}, "modeling_sphinx.demo": {"modeling_sphinx.cli"}}
-    assert circles_in(circle) == ["modeling_sphinx.cli -> modeling_sphinx.demo -> modeling_sphinx.cli"]
+    circle = {
+        "modeling_sphinx.cli": {"modeling_sphinx.miniature.demo"},
+        "modeling_sphinx.miniature.demo": {"modeling_sphinx.cli"},
+    }
+    assert circles_in(circle) == ["modeling_sphinx.cli -> modeling_sphinx.miniature.demo -> modeling_sphinx.cli"]

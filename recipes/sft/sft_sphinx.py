@@ -27,7 +27,7 @@ Measured (whole command: start-up, data, 8 steps of batch 2, merged save; 2026-1
 import sys
 
 import modeling_sphinx  # noqa: F401  (registers the SPHINX classes)
-from modeling_sphinx.training import main
+from modeling_sphinx.training.sft import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .configuration_sphinx import FUSED_ENCODERS, SPHINX_VARIANTS, SphinxConfig
-from .folders import published_name
-from .shapes import DECODER_SHAPE_FIELDS
+from ..configuration_sphinx import FUSED_ENCODERS, SPHINX_VARIANTS, SphinxConfig
+from .atomic import published_name
+from .shards import DECODER_SHAPE_FIELDS
 
-TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
+TEMPLATE = Path(__file__).resolve().parents[1] / "model_card.md"
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # timm's feature width of each released encoder architecture at its default size (what `num_features` reports)
 RELEASED_FEATURE_WIDTHS = {
@@ -99,7 +99,7 @@ def _feature_width(encoder_config) -> int:
         return RELEASED_FEATURE_WIDTHS[encoder_config.architecture]
     import torch
 
-    from .modeling_sphinx import create_timm_encoder
+    from ..modeling_sphinx import create_timm_encoder
 
     with torch.device("meta"):  # another timm architecture: build it without memory to ask
         return create_timm_encoder(encoder_config).num_features

@@ -8,7 +8,7 @@ With those a served answer is `generate`'s answer; `SphinxProcessor.post_process
 ```python
 from openai import OpenAI
 from transformers import AutoProcessor
-from modeling_sphinx.client import chat_request
+from modeling_sphinx.serving.client import chat_request
 
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 client = OpenAI(base_url="http://localhost:8000/v1", api_key="unused")
@@ -23,7 +23,7 @@ import io
 
 from PIL import Image
 
-from .processing.tasks_sphinx import SEPARATOR
+from ..processing.tasks_sphinx import SEPARATOR
 
 BANNED = -100  # OpenAI's lowest logit bias: the token is never sampled
 

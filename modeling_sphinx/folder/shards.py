@@ -2,7 +2,9 @@
 
 `LazyCheckpoint` reads each tensor with `pread` (no memory map, so pages read once do not stay in the
 process's memory); `StreamingShardWriter` knows every output tensor's name, shape and dtype up front, writes
-each shard's header first and then each tensor's bytes as soon as it is computed.
+each shard's header first and then each tensor's bytes as soon as it is computed. `DECODER_SHAPE_FIELDS` are
+the fields of a transformers decoder config that fix the shapes of its tensors: mixing requires them to agree
+between checkpoints, and a model card compares them with a release's to tell a release from a reduced-size model.
 """
 
 import json
@@ -25,6 +27,15 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+DECODER_SHAPE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_local_experts",
+)
 
 
 def parse_size(size: str | int) -> int:

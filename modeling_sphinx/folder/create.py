@@ -7,12 +7,12 @@ import torch
 from transformers import GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 
-from .configuration_sphinx import SphinxConfig
-from .folders import atomic_output_dir
-from .modeling_sphinx import SphinxForConditionalGeneration
-from .processing.image_processing_sphinx import SphinxImageProcessor
-from .processing.processing_sphinx import SphinxProcessor
-from .processing.tasks_sphinx import CHAT_TEMPLATE, SEPARATOR
+from ..configuration_sphinx import SphinxConfig
+from ..modeling_sphinx import SphinxForConditionalGeneration
+from ..processing.image_processing_sphinx import SphinxImageProcessor
+from ..processing.processing_sphinx import SphinxProcessor
+from ..processing.tasks_sphinx import CHAT_TEMPLATE, SEPARATOR
+from .atomic import atomic_output_dir
 from .tokenizer import tiny_tokenizer, tokenizer_from_sentencepiece
 
 

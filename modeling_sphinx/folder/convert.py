@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .build import build_generation_config, build_processor, write_model_folder
-from .configuration_sphinx import ENCODER_PRESETS, SPHINX_VARIANTS, SphinxConfig
+from ..configuration_sphinx import ENCODER_PRESETS, SPHINX_VARIANTS, SphinxConfig
+from ..modeling_sphinx import SphinxForConditionalGeneration
+from .create import build_generation_config, build_processor, write_model_folder
 from .dtypes import dtype_named
-from .modeling_sphinx import SphinxForConditionalGeneration
 from .shards import StreamingShardWriter, parse_size
 from .tokenizer import tokenizer_from_sentencepiece
 

@@ -33,8 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from .data import DataError, image_file, pixel_box, read_rows, record_box
-from .processing.tasks_sphinx import (
+from ..processing.tasks_sphinx import (
     check_prompt_template,
     format_box,
     format_boxes,
@@ -42,6 +41,7 @@ from .processing.tasks_sphinx import (
     format_keypoints,
     task_prompt,
 )
+from ..records import DataError, image_file, pixel_box, read_rows, record_box
 
 
 @dataclass

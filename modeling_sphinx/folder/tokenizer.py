@@ -15,7 +15,7 @@ from pathlib import Path
 from tokenizers import pre_tokenizers
 from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
-from .processing.tasks_sphinx import SYSTEM_PROMPT, TASK_INSTRUCTIONS
+from ..processing.tasks_sphinx import SYSTEM_PROMPT, TASK_INSTRUCTIONS
 
 IMAGE_TOKEN = "<image>"
 

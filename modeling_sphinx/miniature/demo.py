@@ -36,9 +36,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .folders import atomic_output_dir, write_text_atomic
+from ..folder.atomic import atomic_output_dir, write_text_atomic
+from ..processing.tasks_sphinx import TASK_INSTRUCTIONS
 from .pretrain import ENCODERS
-from .processing.tasks_sphinx import TASK_INSTRUCTIONS
 from .world import DOMAINS, SHAPES, caption, render
 
 
@@ -134,7 +134,7 @@ def mixture_file(path: Path, splits: list[Path], weights: dict[str, int], prompt
 def _train(model: Path, mixture: Path, out: Path, steps: int, learning_rate: float, budget: Budget, stage: str):
     from trl import SFTConfig
 
-    from .training import SphinxTuningArguments, train
+    from ..training.sft import SphinxTuningArguments, train
 
     if (out / "model" / "config.json").is_file():
         return out / "model"
@@ -173,8 +173,8 @@ def _train(model: Path, mixture: Path, out: Path, steps: int, learning_rate: flo
 def init_from_parts(out: Path, seed: int, encoders: tuple[str, ...] = ENCODERS) -> Path:
     """The miniature with the package's pretrained parts (its `encoders` and the LLM); the projector and the
     start/end embeddings keep their random initialisation from `seed`, for stage 1 to train."""
-    from .build import save_model_folder
-    from .inference import load_pretrained
+    from ..folder.create import save_model_folder
+    from ..inference import load_pretrained
     from .pretrain import init_miniature, load_parts
 
     if (out / "config.json").is_file():
@@ -196,7 +196,7 @@ def weight_mix(real: Path, synthetic: Path, beta: float, out: Path) -> Path:
     """The paper's weight mix through `sphinx-mllm mix`: beta * real + (1 - beta) * synthetic."""
     import yaml
 
-    from .mixing import mix
+    from ..mixing import mix
 
     if (out / "config.json").is_file():
         return out
@@ -246,8 +246,8 @@ def score(
     held-out split, in question order: `{"VQA real": [...], "grounding real": [...], ...}`."""
     from tqdm.auto import tqdm
 
-    from .evaluation import evaluate
-    from .inference import load_pretrained
+    from ..evaluation.runner import evaluate
+    from ..inference import load_pretrained
 
     cells = [(name, domain) for domain in splits for name in evaluations]
     total = sum(_questions(splits[domain] / evaluations[name][1]) for name, domain in cells)
@@ -276,7 +276,7 @@ def _questions(path: Path) -> int:
 
 def summarise(outcomes: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     """Each cell's score with its 95 % Wilson interval, and the average of the cells with its normal interval."""
-    from .metrics import proportion_interval
+    from ..evaluation.metrics import proportion_interval
 
     summary, variance = {}, 0.0
     for cell, hits in outcomes.items():
@@ -292,7 +292,7 @@ def summarise(outcomes: dict[str, list[float]]) -> dict[str, dict[str, float]]:
 
 def compare(first: dict[str, list[float]], second: dict[str, list[float]]) -> dict[str, float]:
     """`first - second` on the average of the cells, paired over the same questions, with its 95 % interval."""
-    from .metrics import paired_difference
+    from ..evaluation.metrics import paired_difference
 
     differences = [paired_difference(first[cell], second[cell]) for cell in first]
     mean = sum(d for d, _ in differences) / len(differences)
@@ -403,7 +403,7 @@ def _run_demo(out: Path, quick: bool, force: bool, seed: int) -> dict:
 
 
 def _publish(folder: Path, results: dict, out: Path):
-    from .evaluation import record_in_card
+    from ..evaluation.runner import record_in_card
 
     best = out / "best"
     if best.exists():
@@ -425,9 +425,9 @@ def _examples(model_dir: Path, split: Path, out: Path, count: int = 3) -> list[P
     true one (green), and the IoU printed, hits and misses alike."""
     from transformers import pipeline
 
-    from .data import open_image
-    from .inference import draw_answer, read_answer
-    from .metrics import box_iou
+    from ..evaluation.metrics import box_iou
+    from ..inference import draw_answer, read_answer
+    from ..records import open_image
 
     pipe = pipeline("image-text-to-text", model=str(model_dir))
     rows = [json.loads(line) for line in (split / "grounding.jsonl").read_text().splitlines()][:count]

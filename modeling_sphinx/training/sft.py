@@ -2,7 +2,7 @@
 
 `main(argv)` is what `sphinx-mllm train CONFIG.yaml` and `recipes/sft/sft_sphinx.py` run: `TrlParser` reads
 `SphinxTuningArguments` and TRL's `SFTConfig` from the YAML (`--config`) and the command line, the task
-mixture is built with `modeling_sphinx.sft_data.load_mixture`, and the result is saved as a complete model
+mixture is built with `modeling_sphinx.training.mixtures.load_mixture`, and the result is saved as a complete model
 folder (LoRA merged back) that loads with `AutoModelForImageTextToText` and pushes with `sphinx-mllm push`.
 
 What SPHINX needs beyond TRL's defaults, and why:
@@ -32,13 +32,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTConfig, SFTTrainer, TrlParser
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from .build import save_model_folder
-from .card import hub_reference
-from .data import open_image
-from .dtypes import dtype_named
-from .folders import STAGING_SUFFIX, human_size, is_full_disk, staging_sibling
-from .inference import load_model, load_processor
-from .sft_data import load_mixture
+from ..folder.atomic import STAGING_SUFFIX, human_size, is_full_disk, staging_sibling
+from ..folder.card import hub_reference
+from ..folder.create import save_model_folder
+from ..folder.dtypes import dtype_named
+from ..inference import load_model, load_processor
+from ..records import open_image
+from .mixtures import load_mixture
 
 
 class _SeparatorEndsTheTurn(logging.Filter):
@@ -64,7 +64,7 @@ class SphinxTuningArguments:
     """What to tune and on which data; the rest of a run is TRL's `SFTConfig`."""
 
     model_name_or_path: str = field(metadata={"help": "SPHINX model folder or Hub id"})
-    mixture: str = field(metadata={"help": "task mixture YAML (modeling_sphinx.sft_data.read_mixture)"})
+    mixture: str = field(metadata={"help": "task mixture YAML (modeling_sphinx.training.mixtures.read_mixture)"})
     eval_mixture: str | None = field(default=None, metadata={"help": "held-out task mixture YAML"})
     tuning: str = field(default="full", metadata={"help": "full, lora or qlora"})
     dtype: str = field(default="bfloat16", metadata={"help": "dtype of the weights: bfloat16, float16, float32"})
@@ -276,7 +276,7 @@ def train(
     `model`, `processor`: tune this model (and tokenize with this processor) instead of loading them from
     `args.model_name_or_path`, e.g. a model built from a config on the GPU, or one quantized or placed by the
     caller. The model is tuned as it is: `args.dtype` and `use_kernels` do not apply to it, and QLoRA expects its
-    LLM already in 4-bit (`modeling_sphinx.quantization.four_bit_config`). A QLoRA run merges its adapter into a
+    LLM already in 4-bit (`modeling_sphinx.inference.four_bit_config`). A QLoRA run merges its adapter into a
     16-bit copy loaded from `args.model_name_or_path`, so that must name the same weights.
     `callbacks`: more `TrainerCallback`s for the trainer (e.g. to time steps)."""
     processor = processor if processor is not None else load_processor(args.model_name_or_path)

@@ -23,6 +23,7 @@ and one PNG per ablation. Stages already trained, the main job's included, are r
 import json
 from pathlib import Path
 
+from ..folder.atomic import write_text_atomic
 from .demo import (
     EVERY_TASK,
     FULL,
@@ -42,7 +43,6 @@ from .demo import (
     task_stage,
     verdict,
 )
-from .folders import write_text_atomic
 from .world import DOMAINS
 
 # One instruction for every task, the task's own fields (question, expression, box or category) as its content

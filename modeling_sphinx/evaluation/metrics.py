@@ -16,7 +16,7 @@
 import math
 import re
 
-from .processing.tasks_sphinx import parse_grounding
+from ..processing.tasks_sphinx import parse_grounding
 
 _CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from .folders import atomic_output_dir
-from .processing.tasks_sphinx import format_box
+from ..folder.atomic import atomic_output_dir
+from ..processing.tasks_sphinx import format_box
 from .world import COLOURS, DOMAINS, HEIGHT, MINIATURE, MINIATURE_VOCABULARY, SHAPES, WIDTH, caption, place, render
 
 SHIPPED = Path(__file__).resolve().parent / "pretrained"
@@ -82,8 +82,8 @@ def init_miniature(out: Path, seed: int = 0, encoders: tuple[str, ...] = ENCODER
     if unknown or not encoders:
         raise ValueError(f"encoders are one or more of {ENCODERS}, got {encoders}")
     dropped = {f"{name}_config": None for name in ENCODERS if name not in encoders}
-    from .build import init_model
-    from .tokenizer import train_tiny_sentencepiece
+    from ..folder.create import init_model
+    from ..folder.tokenizer import train_tiny_sentencepiece
 
     with tempfile.TemporaryDirectory() as scratch:  # init_model copies the tokenizer into the model folder
         # pieces learned from the template and the task prompts: the system prompt is 31 tokens, not 68
@@ -402,8 +402,8 @@ def pretrain(out: str | Path, quick: bool = False, seed: int = 0, progress=print
     """Pretrain the miniature's parts into `out` (written atomically); returns `out`."""
     from safetensors.torch import save_file
 
-    from .inference import load_pretrained
-    from .tokenizer import train_tiny_sentencepiece
+    from ..folder.tokenizer import train_tiny_sentencepiece
+    from ..inference import load_pretrained
 
     budget = QUICK if quick else FULL
     started = time.perf_counter()

@@ -7,7 +7,7 @@ left padding), appends one line per sample to `predictions.jsonl` (`id`, `prompt
 it) and writes `metrics.json` from every line. Images are paths (relative to the data file) or embedded
 (`datasets` images, PIL images, or `{"bytes": ...}`).
 
-| task | columns | instruction | metric (`modeling_sphinx.metrics`) |
+| task | columns | instruction | metric (`modeling_sphinx.evaluation.metrics`) |
 |---|---|---|---|
 | `vqa` | `image`, `question`, `answer` (str) or `answers` (list) | `vqa_short` | VQAv2 soft accuracy / exact match |
 | `vizwiz` | same | `vqa_vizwiz` | same, "unanswerable" included |
@@ -27,9 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import metrics
-from .data import open_image, pixel_box, read_rows, record_box
-from .processing.tasks_sphinx import check_prompt_template, format_box, task_prompt
+from .. import metrics
+from ..processing.tasks_sphinx import check_prompt_template, format_box, task_prompt
+from ..records import open_image, pixel_box, read_rows, record_box
 
 MULTIPLE_CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
 
@@ -188,7 +188,7 @@ def evaluate(
     """Evaluate `model` on one task; returns the metrics also written to `out_dir/metrics.json`."""
     from tqdm.auto import tqdm
 
-    from .inference import generate_answers, user_turn
+    from ..inference import generate_answers, user_turn
 
     if task not in EVAL_TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(EVAL_TASKS)}")
@@ -260,7 +260,7 @@ def _row_id(row: dict, index: int):
 
 def record_in_card(model_dir: str | Path, task: str, dataset_name: str, results: dict[str, float]) -> Path:
     """Add the results to the folder's model card as `model-index` metadata (replacing earlier ones of the task)."""
-    from .card import read_card_facts, write_model_card
+    from ..folder.card import read_card_facts, write_model_card
 
     provenance, kwargs = read_card_facts(model_dir)
     kept = [

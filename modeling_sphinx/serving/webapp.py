@@ -24,9 +24,9 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
 
-from .data import open_image  # noqa: E402
-from .inference import Chat, read_answer, sampling_settings  # noqa: E402
-from .processing.tasks_sphinx import TASK_INSTRUCTIONS, format_box  # noqa: E402
+from ..inference import Chat, read_answer, sampling_settings  # noqa: E402
+from ..processing.tasks_sphinx import TASK_INSTRUCTIONS, format_box  # noqa: E402
+from ..records import open_image  # noqa: E402
 
 MAX_UPLOAD_BYTES = 25 * 1024**2
 MAX_UPLOAD_PIXELS = 50_000_000

@@ -19,8 +19,8 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 from lmms_eval.protocol import ChatMessages
 
-from .inference import generate_answers, load_pretrained
-from .processing.tasks_sphinx import SEPARATOR, TASK_INSTRUCTIONS
+from ..inference import generate_answers, load_pretrained
+from ..processing.tasks_sphinx import SEPARATOR, TASK_INSTRUCTIONS
 
 REC_TASK = re.compile(r"refcoco.*_bbox_rec")
 
@@ -110,7 +110,7 @@ class SphinxLMMS(lmms):
 
 
 def manifest() -> ModelManifest:
-    return ModelManifest(model_id="sphinx", chat_class_path="modeling_sphinx.lmms_eval_plugin.SphinxLMMS")
+    return ModelManifest(model_id="sphinx", chat_class_path="modeling_sphinx.evaluation.lmms_eval_plugin.SphinxLMMS")
 
 
 __all__ = ["SphinxLMMS", "manifest", "rec_doc_to_text", "unpad_boxes"]

@@ -1,0 +1,9 @@
+"""The miniature: `sphinx-mllm demo`, SPHINX's recipe at a size that runs in minutes on two CPU cores.
+
+- `world`: the generated scenes, in a real-like and a synthetic domain, and their captions;
+- `pretrain`: the pretrained parts the demo starts from (shipped in `pretrained/`), and how they are remade;
+- `demo`: the main job, stage by stage;
+- `ablations`: the paper's task-mix and visual-embedding-mix comparisons on the same budget.
+
+Uses the package's public tools like any user program; no tool imports the miniature.
+"""
