@@ -9,8 +9,8 @@ from huggingface_hub import ModelCard
 from PIL import Image, ImageDraw
 from transformers import AutoProcessor
 
-from modeling_sphinx import metrics
 from modeling_sphinx.cli import main
+from modeling_sphinx.evaluation import metrics
 from modeling_sphinx.evaluation.runner import evaluate
 from modeling_sphinx.processing.tasks_sphinx import format_box
 

@@ -121,4 +121,4 @@ def test_a_built_wheel_ships_the_parts(tmp_path):
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = tmp_path.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {f"modeling_sphinx/pretrained/{p.name}" for p in SHIPPED.iterdir()} <= names
+    assert {f"modeling_sphinx/miniature/pretrained/{p.name}" for p in SHIPPED.iterdir()} <= names

@@ -225,7 +225,7 @@ def test_labels_supervise_exactly_the_answers(world, tiny_sphinx):
 
 
 def test_image_cache_decodes_each_file_once_and_changes_nothing(world, tiny_sphinx, monkeypatch):
-    from modeling_sphinx import training
+    from modeling_sphinx.training import sft
 
     processor = AutoProcessor.from_pretrained(tiny_sphinx)
     samples = _by_task(world)
@@ -233,8 +233,8 @@ def test_image_cache_decodes_each_file_once_and_changes_nothing(world, tiny_sphi
     plain = SphinxDataCollator(processor=processor, max_length=4096, assistant_only_loss=True)
     files = {str(image) for sample in batch_samples for image in sample["images"]}
     assert len(files) >= 2
-    decoded, open_image = [], training.open_image
-    monkeypatch.setattr(training, "open_image", lambda path: decoded.append(path) or open_image(path))
+    decoded, open_image = [], sft.open_image
+    monkeypatch.setattr(sft, "open_image", lambda path: decoded.append(path) or open_image(path))
     expected = plain([dict(s) for s in batch_samples])
     assert not decoded  # without a cache TRL's processor decodes the files itself
     for size, evicts in ((len(files), False), (1, True)):

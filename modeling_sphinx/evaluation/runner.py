@@ -27,9 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import metrics
 from ..processing.tasks_sphinx import check_prompt_template, format_box, task_prompt
 from ..records import open_image, pixel_box, read_rows, record_box
+from . import metrics
 
 MULTIPLE_CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
 
