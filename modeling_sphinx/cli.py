@@ -1,13 +1,23 @@
-"""`sphinx-mllm` command line: init, chat, convert, mix, train, eval, push.
+"""`sphinx-mllm`: the command table.
 
-Heavy imports happen inside the commands that need them, so `--help`, `mix` and `push` start fast (see
-`sphinx_mllm_cli`, the command's entry point).
+Each command is one row of `COMMANDS`: its name, its help, the function that adds its arguments, the function that
+runs it, whether it needs the model stack (the Auto-class registration, which imports torch, timm and transformers'
+model code: seconds), and an optional check of its arguments that runs before that. `main` registers once for the
+commands that need it, so `--help`, `mix` and `push` start fast (the launcher, `sphinx_mllm_cli`, loads the package
+without running its `__init__`), and turns a `ValueError` into one line on stderr and exit status 2. A command with subcommands (`demo`) lists them as rows of
+its own. Adding a command is adding a row.
+
+Flags are written with dashes (`--max-new-tokens`). `train` passes the rest of its command line to TRL's parser,
+which takes dashes and underscores alike (`--max-steps`, `--max_steps`). `demo --ablations` is the old spelling of
+`demo ablations`, kept working for a release.
 """
 
 import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -18,120 +28,54 @@ def register_models():
         package.__spec__.loader.exec_module(package)
 
 
-def _cmd_init(args):
-    register_models()
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], None]
+    needs_models: bool = True
+    subcommands: tuple["Command", ...] = field(default=())
+    check: Callable[[argparse.Namespace], None] | None = None
+
+
+# ------------------------------------------------------------------------------------------------------ init
+
+
+def init_arguments(parser):
+    parser.add_argument("out", help="output folder (must not exist or be empty)")
+    parser.add_argument("--variant", default="sphinx-1k", help="release name, e.g. sphinx, sphinx-1k, sphinx-tiny")
+    parser.add_argument("--tiny", action="store_true", help="small widths, the same token geometry")
+    parser.add_argument("--tokenizer", help="SentencePiece tokenizer.model (required for full-size models)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_init(args):
     from .folder.create import init_model
 
     out = init_model(args.variant, args.out, tiny=args.tiny, tokenizer_model=args.tokenizer, seed=args.seed)
     print(f"wrote a random {'tiny ' if args.tiny else ''}{args.variant} model to {out}")
 
 
-def _cmd_convert(args):
-    register_models()
-    from .folder.convert import convert_checkpoint
+# ------------------------------------------------------------------------------------- chat, serve, eval: loading
 
-    out = convert_checkpoint(
-        args.src,
-        args.out,
-        dtype=args.dtype,
-        verify=args.verify,
-        max_shard_size=args.max_shard_size,
-        encoder_sizes=args.encoder_sizes,
+
+def loading_arguments(parser):
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--device-map", default=None, help='e.g. "auto" to spread the model over GPUs')
+    parser.add_argument(
+        "--load-in-4bit",
+        action="store_true",
+        help="the LLM in 4-bit NF4 (bitsandbytes), towers and projectors in 16-bit",
     )
-    print(f"converted {args.src} to {out}" + (" (verified)" if args.verify else ""))
-
-
-def _cmd_mix(args):
-    from .mixing import mix
-
-    out = mix(args.recipe, args.out, max_shard_size=args.max_shard_size)
-    print(f"mixed {args.recipe} into {out}")
-
-
-def _cmd_train(args):
-    register_models()
-    from .records import DataError
-    from .training.sft import main as train_main
-
-    if not Path(args.config).is_file():
-        raise ValueError(f"training config {args.config!r} does not exist")
-    try:
-        out = train_main(["--config", args.config, *args.overrides])
-    except DataError as error:
-        raise ValueError(str(error)) from None
-    print(f"trained model saved to {out}" if out else "trained (save_final_model is off: no final model folder)")
-
-
-def _cmd_eval(args):
-    register_models()
-    from .evaluation.runner import evaluate, record_in_card
-
-    processor, model = _load(args)
-    out = Path(args.out or Path("runs") / "eval" / f"{Path(args.model).name}-{args.task}")
-    results = evaluate(
-        model,
-        processor,
-        args.task,
-        args.data,
-        out,
-        batch_size=args.batch_size,
-        limit=args.limit,
-        max_new_tokens=args.max_new_tokens,
-        resume=args.resume,
-        prompt_template=args.prompt_template,
-    )
-    print(json.dumps(results, indent=2))
-    print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
-    if args.record_in_card:
-        if not Path(args.model).is_dir():
-            raise ValueError("--record-in-card writes into a local model folder's README.md")
-        card = record_in_card(args.model, args.task, args.dataset_name or Path(args.data).stem, results)
-        print(f"recorded the results in {card}")
-
-
-def _cmd_demo(args):
-    register_models()
-    if args.action == "pretrain":
-        from .miniature.pretrain import pretrain
-
-        if args.target is None:
-            raise ValueError("demo pretrain needs the output folder: sphinx-mllm demo pretrain OUT")
-        out = pretrain(args.target, quick=args.quick, seed=args.seed)
-        manifest = json.loads((out / "manifest.json").read_text())
-        print(json.dumps({"metrics": manifest["metrics"], "at random init": manifest["metrics_at_random_init"]}))
-        print(f"wrote the pretrained parts to {out} in {manifest['seconds']:.0f} s")
-        return
-    if args.ablations:
-        from .miniature.ablations import format_ablations, run_ablations
-
-        run_ablations(args.out, quick=args.quick, force=args.force, seed=args.seed)
-        print(format_ablations(json.loads((Path(args.out) / "ablations" / "results.json").read_text())))
-        print(f"tables, plots and results: {Path(args.out) / 'ablations'}/report.md, *.png, results.json")
-        return
-    from .miniature.demo import format_report, run_demo
-
-    results = run_demo(args.out, quick=args.quick, force=args.force, seed=args.seed)
-    print(format_report(results))
-    print(
-        f"best model, with the table in its card: {Path(args.out) / 'best'}; drawn answers: {args.out}/example_*.png"
+    parser.add_argument(
+        "--use-kernels",
+        action="store_true",
+        help="let transformers swap layers for Hub kernels, downloaded from the Hub at first use (off by default)",
     )
 
 
-def _cmd_push(args):
-    from .folder.publish import push_folder
-
-    info = push_folder(
-        args.folder,
-        args.repo_id,
-        private=args.private or None,
-        revision=args.revision,
-        commit_message=args.commit_message,
-        license=args.license,
-    )
-    print(f"pushed {args.folder} to {info.commit_url}")
-
-
-def _load(args):
+def load(args):
     from .inference import load_pretrained
 
     return load_pretrained(
@@ -143,13 +87,21 @@ def _load(args):
     )
 
 
-def _cmd_chat(args):
-    register_models()
+def chat_arguments(parser):
+    parser.add_argument("model", help="model folder or Hub id")
+    parser.add_argument("--image", required=True)
+    parser.add_argument("--prompt")
+    parser.add_argument("--draw", help="write the image with the parsed boxes and points to this PNG")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    loading_arguments(parser)
+
+
+def run_chat(args):
     from .inference import Chat, draw_answer, read_answer
     from .records import open_image
 
     image = open_image(args.image)  # fails early, with the file named, on a bad image
-    processor, model = _load(args)
+    processor, model = load(args)
     chat = Chat(model, processor, image)
     prompts = [args.prompt] if args.prompt is not None else None
     while True:
@@ -172,22 +124,16 @@ def _cmd_chat(args):
             print(f"drew {len(grounded.boxes)} boxes and {len(grounded.points)} points into {args.draw}")
 
 
-def _add_loading_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--device-map", default=None, help='e.g. "auto" to spread the model over GPUs')
-    parser.add_argument(
-        "--load-in-4bit",
-        action="store_true",
-        help="the LLM in 4-bit NF4 (bitsandbytes), towers and projectors in 16-bit",
-    )
-    parser.add_argument(
-        "--use-kernels",
-        action="store_true",
-        help="let transformers swap layers for Hub kernels, downloaded from the Hub at first use (off by default)",
-    )
+def serve_arguments(parser):
+    parser.add_argument("model", help="model folder or Hub id")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--auth", help="USER:PASSWORD, Gradio's login (required off loopback unless --public)")
+    parser.add_argument("--public", action="store_true", help="serve on a network address without a login")
+    loading_arguments(parser)
 
 
-def _login(args) -> tuple[str, str] | None:
+def login(args) -> tuple[str, str] | None:
     """Gradio's login from `--auth USER:PASSWORD`; refuses to open the model to a network without one, unless
     `--public` says that is meant."""
     import ipaddress
@@ -210,132 +156,277 @@ def _login(args) -> tuple[str, str] | None:
     return auth
 
 
-def _cmd_serve(args):
-    auth = _login(args)
+def run_serve(args):
+    auth = login(args)
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise ValueError('the web app needs the demo extra: pip install "sphinx-mllm[demo]"') from None
-    register_models()
     from .serving.webapp import build_app
 
-    processor, model = _load(args)
+    processor, model = load(args)
     app = build_app(model, processor, title=f"SPHINX · {Path(args.model).name}")
     app.queue().launch(server_name=args.host, server_port=args.port, show_error=True, ssr_mode=False, auth=auth)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sphinx-mllm", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    init = commands.add_parser("init", help="write a randomly initialised model with its processor")
-    init.add_argument("out", help="output folder (must not exist or be empty)")
-    init.add_argument("--variant", default="sphinx-1k", help="release name, e.g. sphinx, sphinx-1k, sphinx-tiny")
-    init.add_argument("--tiny", action="store_true", help="small widths, the same token geometry")
-    init.add_argument("--tokenizer", help="SentencePiece tokenizer.model (required for full-size models)")
-    init.add_argument("--seed", type=int, default=0)
-    init.set_defaults(func=_cmd_init)
-
-    chat = commands.add_parser("chat", help="answer a prompt about an image (interactive without --prompt)")
-    chat.add_argument("model", help="model folder or Hub id")
-    chat.add_argument("--image", required=True)
-    chat.add_argument("--prompt")
-    chat.add_argument("--draw", help="write the image with the parsed boxes and points to this PNG")
-    chat.add_argument("--max-new-tokens", type=int, default=256)
-    _add_loading_arguments(chat)
-    chat.set_defaults(func=_cmd_chat)
-
-    serve = commands.add_parser("serve", help="a web app to chat about images, boxes drawn (the demo extra)")
-    serve.add_argument("model", help="model folder or Hub id")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    serve.add_argument("--port", type=int, default=7860)
-    serve.add_argument("--auth", help="USER:PASSWORD, Gradio's login (required off loopback unless --public)")
-    serve.add_argument("--public", action="store_true", help="serve on a network address without a login")
-    _add_loading_arguments(serve)
-    serve.set_defaults(func=_cmd_serve)
-
-    convert = commands.add_parser("convert", help="original LLaMA2-Accessory checkpoint folder → HF folder")
-    convert.add_argument(
-        "src", help="folder with consolidated.XX-of-NN.model.pth, config.json, meta.json, tokenizer.model"
-    )
-    convert.add_argument("out", help="output folder (must not exist or be empty)")
-    convert.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    convert.add_argument("--verify", action="store_true", help="reload, compare every tensor, run one forward")
-    convert.add_argument("--max-shard-size", default="5GB")
-    convert.add_argument("--encoder-sizes", help="JSON of non-released encoder sizes, in the original's terms")
-    convert.set_defaults(func=_cmd_convert)
-
-    mix = commands.add_parser("mix", help="mix checkpoints from a mergekit-style YAML recipe")
-    mix.add_argument("recipe", help="recipe YAML (model paths relative to it)")
-    mix.add_argument("out", help="output folder (must not exist or be empty)")
-    mix.add_argument("--max-shard-size", default="2GB")
-    mix.set_defaults(func=_cmd_mix)
-
-    train = commands.add_parser(
-        "train",
-        help="multi-task SFT with TRL from a recipe YAML (recipes/sft/); extra --key value pairs override it",
-    )
-    train.add_argument("config", help="recipe YAML: SphinxTuningArguments and TRL SFTConfig fields")
-    train.add_argument("overrides", nargs=argparse.REMAINDER, help="e.g. --max_steps 10 --output_dir runs/x")
-    train.set_defaults(func=_cmd_train)
-
-    evaluate = commands.add_parser("eval", help="score a model on one task over local data")
-    evaluate.add_argument("model", help="model folder or Hub id")
-    evaluate.add_argument(
+def eval_arguments(parser):
+    parser.add_argument("model", help="model folder or Hub id")
+    parser.add_argument(
         "--task", required=True, help="vqa, vizwiz, multiple_choice, pope, rec, region_caption or detection"
     )
-    evaluate.add_argument("--data", required=True, help="JSONL, JSON or Parquet file, or a datasets folder")
-    evaluate.add_argument("--out", help="output folder (default runs/eval/MODEL-TASK)")
-    evaluate.add_argument("--batch-size", type=int, default=4)
-    evaluate.add_argument("--limit", type=int, help="only the first N rows")
-    evaluate.add_argument("--max-new-tokens", type=int, default=64)
-    evaluate.add_argument("--resume", action="store_true", help="continue an interrupted run in the same --out")
-    evaluate.add_argument(
+    parser.add_argument("--data", required=True, help="JSONL, JSON or Parquet file, or a datasets folder")
+    parser.add_argument("--out", help="output folder (default runs/eval/MODEL-TASK)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--limit", type=int, help="only the first N rows")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in the same --out")
+    parser.add_argument(
         "--prompt-template",
         help="one instruction with a {content} field in place of the task's own (as the model was tuned with)",
     )
-    evaluate.add_argument("--record-in-card", action="store_true", help="add the metrics to the folder's model card")
-    evaluate.add_argument("--dataset-name", help="name for the card's model-index (default: the data file's name)")
-    _add_loading_arguments(evaluate)
-    evaluate.set_defaults(func=_cmd_eval)
+    parser.add_argument("--record-in-card", action="store_true", help="add the metrics to the folder's model card")
+    parser.add_argument("--dataset-name", help="name for the card's model-index (default: the data file's name)")
+    loading_arguments(parser)
 
-    demo = commands.add_parser(
+
+def run_eval(args):
+    from .evaluation import evaluate, record_in_card
+
+    processor, model = load(args)
+    out = Path(args.out or Path("runs") / "eval" / f"{Path(args.model).name}-{args.task}")
+    results = evaluate(
+        model,
+        processor,
+        args.task,
+        args.data,
+        out,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        resume=args.resume,
+        prompt_template=args.prompt_template,
+    )
+    print(json.dumps(results, indent=2))
+    print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
+    if args.record_in_card:
+        if not Path(args.model).is_dir():
+            raise ValueError("--record-in-card writes into a local model folder's README.md")
+        card = record_in_card(args.model, args.task, args.dataset_name or Path(args.data).stem, results)
+        print(f"recorded the results in {card}")
+
+
+# ------------------------------------------------------------------------------- convert, mix, train, push
+
+
+def convert_arguments(parser):
+    parser.add_argument(
+        "src", help="folder with consolidated.XX-of-NN.model.pth, config.json, meta.json, tokenizer.model"
+    )
+    parser.add_argument("out", help="output folder (must not exist or be empty)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--verify", action="store_true", help="reload, compare every tensor, run one forward")
+    parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--encoder-sizes", help="JSON of non-released encoder sizes, in the original's terms")
+
+
+def run_convert(args):
+    from .folder.convert import convert_checkpoint
+
+    out = convert_checkpoint(
+        args.src,
+        args.out,
+        dtype=args.dtype,
+        verify=args.verify,
+        max_shard_size=args.max_shard_size,
+        encoder_sizes=args.encoder_sizes,
+    )
+    print(f"converted {args.src} to {out}" + (" (verified)" if args.verify else ""))
+
+
+def mix_arguments(parser):
+    parser.add_argument("recipe", help="recipe YAML (model paths relative to it)")
+    parser.add_argument("out", help="output folder (must not exist or be empty)")
+    parser.add_argument("--max-shard-size", default="2GB")
+
+
+def run_mix(args):
+    from .mixing import mix
+
+    out = mix(args.recipe, args.out, max_shard_size=args.max_shard_size)
+    print(f"mixed {args.recipe} into {out}")
+
+
+def train_arguments(parser):
+    parser.add_argument("config", help="recipe YAML: SphinxTuningArguments and TRL SFTConfig fields")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="e.g. --max-steps 10 --output-dir runs/x")
+
+
+def check_train(args):
+    if not Path(args.config).is_file():
+        raise ValueError(f"training config {args.config!r} does not exist")
+
+
+def run_train(args):
+    from .records import DataError
+    from .training import main as train_main
+
+    try:
+        out = train_main(["--config", args.config, *args.overrides])
+    except DataError as error:
+        raise ValueError(str(error)) from None
+    print(f"trained model saved to {out}" if out else "trained (save_final_model is off: no final model folder)")
+
+
+def push_arguments(parser):
+    parser.add_argument("folder")
+    parser.add_argument("--repo-id", required=True)
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--revision", help="branch to commit to (created if missing)")
+    parser.add_argument("--commit-message")
+    parser.add_argument("--license", help="license id for the card metadata, e.g. llama2")
+
+
+def run_push(args):
+    from .folder.publish import push_folder
+
+    info = push_folder(
+        args.folder,
+        args.repo_id,
+        private=args.private or None,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        license=args.license,
+    )
+    print(f"pushed {args.folder} to {info.commit_url}")
+
+
+# ------------------------------------------------------------------------------------------------------ demo
+
+
+def demo_options(parser, inherited: bool = False):
+    """The options every demo program takes; a subcommand's copies set only what its own command line gives."""
+    default = (lambda value: argparse.SUPPRESS) if inherited else (lambda value: value)
+    parser.add_argument("--out", default=default("runs/demo"), help="the run folder (default runs/demo)")
+    parser.add_argument("--quick", action="store_true", default=default(False), help="a smaller world, fewer steps")
+    parser.add_argument("--force", action="store_true", default=default(False), help="redo every stage")
+    parser.add_argument("--seed", type=int, default=default(0))
+
+
+def demo_arguments(parser):
+    demo_options(parser)
+    parser.add_argument("--ablations", action="store_true", help=argparse.SUPPRESS)  # the old `demo ablations`
+
+
+def run_demo(args):
+    if args.ablations:
+        return run_ablations(args)
+    from .miniature.demo import format_report
+    from .miniature.demo import run_demo as run
+
+    results = run(args.out, quick=args.quick, force=args.force, seed=args.seed)
+    print(format_report(results))
+    print(
+        f"best model, with the table in its card: {Path(args.out) / 'best'}; drawn answers: {args.out}/example_*.png"
+    )
+
+
+def run_ablations(args):
+    from .miniature.ablations import format_ablations
+    from .miniature.ablations import run_ablations as run
+
+    run(args.out, quick=args.quick, force=args.force, seed=args.seed)
+    print(format_ablations(json.loads((Path(args.out) / "ablations" / "results.json").read_text())))
+    print(f"tables, plots and results: {Path(args.out) / 'ablations'}/report.md, *.png, results.json")
+
+
+def pretrain_arguments(parser):
+    parser.add_argument("target", help="output folder for the parts (must not exist or be empty)")
+    demo_options(parser, inherited=True)
+
+
+def run_pretrain(args):
+    from .miniature.pretrain import pretrain
+
+    out = pretrain(args.target, quick=args.quick, seed=args.seed)
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(json.dumps({"metrics": manifest["metrics"], "at random init": manifest["metrics_at_random_init"]}))
+    print(f"wrote the pretrained parts to {out} in {manifest['seconds']:.0f} s")
+
+
+COMMANDS = (
+    Command("init", "write a randomly initialised model with its processor", init_arguments, run_init),
+    Command("chat", "answer a prompt about an image (interactive without --prompt)", chat_arguments, run_chat),
+    Command(
+        "serve",
+        "a web app to chat about images, boxes drawn (the demo extra)",
+        serve_arguments,
+        run_serve,
+        check=login,
+    ),
+    Command("convert", "original LLaMA2-Accessory checkpoint folder → HF folder", convert_arguments, run_convert),
+    Command("mix", "mix checkpoints from a mergekit-style YAML recipe", mix_arguments, run_mix, needs_models=False),
+    Command(
+        "train",
+        "multi-task SFT with TRL from a recipe YAML (recipes/sft/); extra --key value pairs override it",
+        train_arguments,
+        run_train,
+        check=check_train,
+    ),
+    Command("eval", "score a model on one task over local data", eval_arguments, run_eval),
+    Command(
         "demo",
-        help="SPHINX's recipe in miniature: train, mix, tune, evaluate (offline, CPU); "
-        "`demo pretrain OUT` remakes its pretrained parts",
-    )
-    demo.add_argument("action", nargs="?", choices=["pretrain"], help="pretrain: make the pretrained parts")
-    demo.add_argument("target", nargs="?", help="with pretrain: the output folder (must not exist or be empty)")
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--quick", action="store_true", help="a smaller world and fewer steps (for tests)")
-    demo.add_argument("--force", action="store_true", help="redo every stage instead of reusing finished ones")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument(
-        "--ablations",
-        action="store_true",
-        help="the paper's task-mix and visual-embedding-mix ablations (reuses the main job's stages in --out)",
-    )
-    demo.set_defaults(func=_cmd_demo)
+        "SPHINX's recipe in miniature: train, mix, tune, evaluate (offline, CPU)",
+        demo_arguments,
+        run_demo,
+        subcommands=(
+            Command(
+                "ablations",
+                "the paper's task-mix and visual-embedding-mix ablations (reuses the main job's stages in --out)",
+                lambda parser: demo_options(parser, inherited=True),
+                run_ablations,
+            ),
+            Command("pretrain", "remake the pretrained parts the demo starts from", pretrain_arguments, run_pretrain),
+        ),
+    ),
+    Command(
+        "push",
+        "upload a model folder to the Hub with a rendered model card",
+        push_arguments,
+        run_push,
+        needs_models=False,
+    ),
+)
 
-    push = commands.add_parser("push", help="upload a model folder to the Hub with a rendered model card")
-    push.add_argument("folder")
-    push.add_argument("--repo-id", required=True)
-    push.add_argument("--private", action="store_true")
-    push.add_argument("--revision", help="branch to commit to (created if missing)")
-    push.add_argument("--commit-message")
-    push.add_argument("--license", help="license id for the card metadata, e.g. llama2")
-    push.set_defaults(func=_cmd_push)
+
+def add_commands(parser: argparse.ArgumentParser, commands: tuple[Command, ...], dest: str, required: bool):
+    table = parser.add_subparsers(dest=dest, required=required)
+    for command in commands:
+        sub = table.add_parser(command.name, help=command.help, description=command.help)
+        command.arguments(sub)
+        sub.set_defaults(command=command)
+        if command.subcommands:
+            add_commands(sub, command.subcommands, f"{dest}_{command.name}", required=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sphinx-mllm", description=__doc__.splitlines()[0])
+    add_commands(parser, COMMANDS, "command_name", required=True)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    command = args.command
     if getattr(args, "use_kernels", False):
         os.environ["USE_HUB_KERNELS"] = "YES"  # transformers' switch, read by bitsandbytes' import guard too
     try:
-        args.func(args)
+        if command.check is not None:
+            command.check(args)
+        if command.needs_models:
+            register_models()
+        command.run(args)
     except ValueError as error:
-        print(f"sphinx-mllm {args.command}: error: {error}", file=sys.stderr)
+        print(f"sphinx-mllm {args.command_name}: error: {error}", file=sys.stderr)
         return 2
     return 0
 

@@ -21,33 +21,32 @@ try:
 except ImportError:  # transformers 5.19 and older (serving engines pin them): `sub_configs` and a manual conversion
     SubConfigSpec = None
 
-# Released LLM sizes. The vocabulary is LLaMA's 32000 pieces plus the added `<image>` placeholder.
+# Released LLM sizes, each after the first by how it differs. The vocabulary is LLaMA's 32000 pieces plus the added
+# `<image>` placeholder.
+LLAMA_2_13B: dict[str, Any] = {
+    "model_type": "llama",
+    "hidden_size": 5120,
+    "intermediate_size": 13824,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 40,
+    "vocab_size": 32001,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+}
 TEXT_PRESETS: dict[str, dict[str, Any]] = {
-    "llama-2-13b": {
-        "model_type": "llama",
-        "hidden_size": 5120,
-        "intermediate_size": 13824,
-        "num_hidden_layers": 40,
-        "num_attention_heads": 40,
-        "num_key_value_heads": 40,
-        "vocab_size": 32001,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-    },
+    "llama-2-13b": LLAMA_2_13B,
     "tinyllama-1.1b": {
-        "model_type": "llama",
+        **LLAMA_2_13B,
         "hidden_size": 2048,
         "intermediate_size": 5632,
         "num_hidden_layers": 22,
         "num_attention_heads": 32,
         "num_key_value_heads": 4,
-        "vocab_size": 32001,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
     },
     "mixtral-8x7b": {
+        **LLAMA_2_13B,
         "model_type": "mixtral",
         "hidden_size": 4096,
         "intermediate_size": 14336,
@@ -58,54 +57,24 @@ TEXT_PRESETS: dict[str, dict[str, Any]] = {
         "num_local_experts": 8,
         "num_experts_per_tok": 2,
         "router_aux_loss_coef": 0.0,
-        "vocab_size": 32001,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
     },
 }
 
-# Tiny stand-ins with the same architecture family; `vocab_size` is replaced by the tokenizer's size.
+# Tiny stand-ins of the same families: small widths, the same key/value grouping where it is grouped; `vocab_size`
+# is replaced by the tokenizer's size.
+TINY_WIDTHS = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
 TINY_TEXT_PRESETS: dict[str, dict[str, Any]] = {
-    "llama-2-13b": {
-        "model_type": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "vocab_size": 1001,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-    },
-    "tinyllama-1.1b": {
-        "model_type": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 1001,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-    },
+    "llama-2-13b": {**LLAMA_2_13B, **TINY_WIDTHS, "num_key_value_heads": 4, "vocab_size": 1001},
+    "tinyllama-1.1b": {**TEXT_PRESETS["tinyllama-1.1b"], **TINY_WIDTHS, "num_key_value_heads": 2, "vocab_size": 1001},
     "mixtral-8x7b": {
-        "model_type": "mixtral",
-        "hidden_size": 64,
+        **TEXT_PRESETS["mixtral-8x7b"],
+        **TINY_WIDTHS,
         "intermediate_size": 96,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "head_dim": 16,
         "num_local_experts": 4,
-        "num_experts_per_tok": 2,
-        "router_aux_loss_coef": 0.0,
         "vocab_size": 1001,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
     },
 }
 
@@ -262,6 +231,9 @@ class SphinxConfig(PreTrainedConfig):
         Run the encoders without gradients and in eval mode, as SPHINX does.
     variant (`str`, *optional*):
         Name of the release this config was made from.
+    patch_size (`int`):
+        Side of the encoders' patches: 14 for every release (CLIP ViT-L/14, DINOv2 ViT-g/14, EVA ViT-g/14). It
+        sets the token grid of a view (`view_size // patch_size` a side); the miniature's encoders use 28.
     """
 
     model_type = "sphinx"
@@ -295,8 +267,7 @@ class SphinxConfig(PreTrainedConfig):
     freeze_vision_encoders: bool = True
     variant: str | None = None
     tie_word_embeddings: bool = False
-
-    patch_size = 14  # CLIP ViT-L/14, DINOv2 ViT-g/14 and EVA ViT-g/14 all use 14-px patches
+    patch_size: int = 14
 
     def __post_init__(self, **kwargs):
         if SubConfigSpec is None:
@@ -359,14 +330,8 @@ class SphinxConfig(PreTrainedConfig):
         if name not in SPHINX_VARIANTS:
             raise ValueError(f"unknown SPHINX variant {name!r}; known: {', '.join(SPHINX_VARIANTS)}")
         row = SPHINX_VARIANTS[name]
-        text_presets, encoder_presets = (
-            (TINY_TEXT_PRESETS, TINY_ENCODER_PRESETS)
-            if tiny
-            else (
-                TEXT_PRESETS,
-                ENCODER_PRESETS,
-            )
-        )
+        text_presets = TINY_TEXT_PRESETS if tiny else TEXT_PRESETS
+        encoder_presets = TINY_ENCODER_PRESETS if tiny else ENCODER_PRESETS
         text_config = copy.deepcopy(text_presets[row["text"]])
         text_config.update(overrides.pop("text_config", {}))
         fields = {f"{encoder}_config": copy.deepcopy(encoder_presets[encoder]) for encoder in row["encoders"]}

@@ -39,7 +39,7 @@ def ablated(quick_demo, tmp_path_factory):
     shutil.copytree(quick_demo[0], out)
     weights = {p: p.stat().st_mtime_ns for p in out.glob("stage*/model/model.safetensors")}
     run = subprocess.run(
-        [sys.executable, "-m", "modeling_sphinx.cli", "demo", "--ablations", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "modeling_sphinx.cli", "demo", "ablations", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=900,
@@ -147,5 +147,7 @@ def test_a_folder_of_another_budget_or_seed_is_not_reused(ablated, capsys):
     assert main(["demo", "--out", str(out)]) == 2
     error = capsys.readouterr().err
     assert "holds the stages of a run with train_images 64 (now 800)" in error and "pass --force" in error
-    assert main(["demo", "--quick", "--ablations", "--seed", "1", "--out", str(out)]) == 2
+    assert main(["demo", "--quick", "--ablations", "--seed", "1", "--out", str(out)]) == 2  # the old spelling
+    assert "seed 0 (now 1)" in capsys.readouterr().err
+    assert main(["demo", "ablations", "--quick", "--seed", "1", "--out", str(out)]) == 2
     assert "seed 0 (now 1)" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Tensor parallelism with transformers' own plan (issue 19): `recipes/serve/tp_generate.py` under torchrun,
+"""Tensor parallelism with transformers' own plan (issue 19): `recipes/tensor_parallel/tp_generate.py` under torchrun,
 two gloo processes on CPU, gives the logits and greedy ids of one process, with the LLM really sharded."""
 
 import os
@@ -33,7 +33,7 @@ def _one_process(folder: Path, image: Path, max_new_tokens: int) -> dict:
 def test_two_tensor_parallel_processes_match_one(variant, tiny_model_dir, tmp_path):
     folder, image = tiny_model_dir(variant), IMAGES / "chelsea.png"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               str(REPO / "recipes" / "serve" / "tp_generate.py"), str(folder), "--image", str(image),
+               str(REPO / "recipes" / "tensor_parallel" / "tp_generate.py"), str(folder), "--image", str(image),
                "--question", QUESTION, "--max-new-tokens", "6", "--dump", str(tmp_path / "out")]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)

@@ -79,6 +79,14 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return path
 
 
+def refuse_non_empty(out_dir: str | Path) -> Path:
+    """`out_dir`, or a `ValueError` if it exists and holds anything: long commands call this before their work."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"output folder {str(out_dir)!r} exists and is not empty; choose a new path")
+    return out_dir
+
+
 @contextmanager
 def atomic_output_dir(out_dir: str | Path, needed_bytes: int | None = None):
     """Yield a temporary folder next to `out_dir` that becomes `out_dir` only if the block completes.
@@ -86,9 +94,7 @@ def atomic_output_dir(out_dir: str | Path, needed_bytes: int | None = None):
     `needed_bytes`, the size of what will be written, is checked against the free space first; a filesystem
     that fills up anyway ends in a `ValueError` naming `out_dir` and the space needed, with nothing left behind.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ValueError(f"output folder {str(out_dir)!r} exists and is not empty; choose a new path")
+    out_dir = refuse_non_empty(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     needs = f"about {human_size(needed_bytes)}" if needed_bytes else "more"
     if needed_bytes and (free := shutil.disk_usage(out_dir.parent).free) < needed_bytes:

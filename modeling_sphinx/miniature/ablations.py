@@ -1,4 +1,4 @@
-"""`sphinx-mllm demo --ablations`: what SPHINX's task mix and visual-embedding mix buy, measured in miniature.
+"""`sphinx-mllm demo ablations`: what SPHINX's task mix and visual-embedding mix buy, measured in miniature.
 
 The main job (`demo.py`) measures the paper's first mix, of weights. This measures the other two the way the
 paper's ablations do, on the same generated world with the same recipe, and every arm gets the same budget:

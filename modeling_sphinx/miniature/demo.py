@@ -48,7 +48,7 @@ class Budget:
 
     train_images: int  # per domain
     eval_images: int  # per domain: 1.5 VQA questions and 1 grounding question each
-    ablation_eval_images: int  # per domain, for `--ablations`: 1.5 VQA, 1 grounding, 1 region, 1.4 detection
+    ablation_eval_images: int  # per domain, for `demo ablations`: 1.5 VQA, 1 grounding, 1 region, 1.4 detection
     caption_steps: int  # stage 1, per domain
     task_steps: int  # stage 2, per start
     beta: float = 0.5

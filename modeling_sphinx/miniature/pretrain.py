@@ -20,7 +20,7 @@ one-shape scenes), the LLM by its perplexity on held-out text.
 
 `OUT` gets `parts.safetensors`, `tokenizer.model` (the 768-piece tokenizer the LLM was trained with) and
 `manifest.json` (the command, seed, budget, time, peak memory and metrics). The package ships one such folder
-(`modeling_sphinx/pretrained/`), made by the command its manifest records.
+(`modeling_sphinx/miniature/pretrained/`), made by the command its manifest records.
 """
 
 import json
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from ..folder.atomic import atomic_output_dir
+from ..folder.atomic import atomic_output_dir, refuse_non_empty
 from ..processing.tasks_sphinx import format_box
 from .world import COLOURS, DOMAINS, HEIGHT, MINIATURE, MINIATURE_VOCABULARY, SHAPES, WIDTH, caption, place, render
 
@@ -407,7 +407,7 @@ def pretrain(out: str | Path, quick: bool = False, seed: int = 0, progress=print
 
     budget = QUICK if quick else FULL
     started = time.perf_counter()
-    out = Path(out)
+    out = refuse_non_empty(out)
     with tempfile.TemporaryDirectory() as scratch:
         processor, model = load_pretrained(str(init_miniature(Path(scratch) / "init", seed)), dtype="float32")
     torch.manual_seed(seed)

@@ -1,6 +1,6 @@
 """Answer one image question with the LLM sharded by transformers' own tensor parallelism.
 
-    torchrun --nproc-per-node 2 recipes/serve/tp_generate.py MODEL --image photo.jpg --question "What is it?"
+    torchrun --nproc-per-node 2 recipes/tensor_parallel/tp_generate.py MODEL --image photo.jpg --question "What is it?"
 
 `from_pretrained(MODEL, distributed_config=DistributedConfig(tp_plan="auto"))` (transformers before 5.24:
 `tp_plan="auto"`) shards every LLM layer (attention heads and MLP columns, the token
