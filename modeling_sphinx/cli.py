@@ -347,7 +347,7 @@ def pretrain_arguments(parser):
 def run_pretrain(args):
     from .miniature.pretrain import pretrain
 
-    out = pretrain(args.target, quick=args.quick, seed=args.seed)
+    out = pretrain(args.target, quick=args.quick, seed=args.seed, progress=print)
     manifest = json.loads((out / "manifest.json").read_text())
     print(json.dumps({"metrics": manifest["metrics"], "at random init": manifest["metrics_at_random_init"]}))
     print(f"wrote the pretrained parts to {out} in {manifest['seconds']:.0f} s")

@@ -1,3 +1,5 @@
+"""Fixtures the tests share: tiny model folders, the quick demo, and a small world of annotated images."""
+
 import json
 import os
 import subprocess
@@ -16,12 +18,18 @@ from PIL import Image, ImageDraw  # noqa: E402
 import modeling_sphinx  # noqa: E402,F401  (registers the Auto classes)
 from modeling_sphinx.folder.create import init_model  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-IMAGES = FIXTURES / "images"
-PARITY = FIXTURES / "parity"
+from .helpers import write_jsonl  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    without_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(without_gpu)
 
 
 @pytest.fixture(scope="session")
@@ -51,15 +59,6 @@ def quick_demo(tmp_path_factory):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     return out, run.stdout, run.stderr
-
-
-def image_message(text: str, image=None, path=None) -> list[dict]:
-    block = {"type": "image", "image": image} if image is not None else {"type": "image", "path": str(path)}
-    return [{"role": "user", "content": [block, {"type": "text", "text": text}]}]
-
-
-def write_jsonl(path: Path, rows: list[dict]):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 @pytest.fixture(scope="session")
@@ -142,17 +141,3 @@ def world(tmp_path_factory):
     }
     (root / "mixture.yaml").write_text(yaml.safe_dump(mixture))
     return root
-
-
-def train_args(tiny, world, out, *extra):
-    return [
-        "train",
-        str(REPO / "recipes" / "sft" / "smoke.yaml"),
-        "--model_name_or_path",
-        str(tiny),
-        "--mixture",
-        str(world / "mixture.yaml"),
-        "--output_dir",
-        str(out),
-        *extra,
-    ]

@@ -1,4 +1,4 @@
-"""The ablations (issue 18): `sphinx-mllm demo --ablations --quick` reuses the main job's stages, gives every
+"""The ablations: `sphinx-mllm demo --ablations --quick` reuses the main job's stages, gives every
 arm the same budget, and reports, plots and judges each comparison from its numbers."""
 
 import json
@@ -27,6 +27,8 @@ from modeling_sphinx.miniature.ablations import (
     single_task_steps,
 )
 from modeling_sphinx.miniature.demo import QUICK, TASK_WEIGHTS
+
+pytestmark = pytest.mark.slow
 
 CELLS = [f"{task} {domain}" for domain in ("real", "synthetic") for task in TRAINED_TASK]
 

@@ -10,7 +10,7 @@ import pytest
 
 from modeling_sphinx.cli import COMMANDS, build_parser
 
-from .conftest import IMAGES, write_jsonl
+from .helpers import IMAGES, write_jsonl
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("sphinx-mllm")
 
@@ -38,6 +38,7 @@ def test_every_command_of_the_table_answers_help(tmp_path):
         assert shown.returncode == 0 and shown.stdout.startswith(f"usage: sphinx-mllm {' '.join(words)}"), words
 
 
+@pytest.mark.slow
 def test_the_commands_that_load_models_register_them_once_through_the_launcher(tmp_path):
     """`init`, `chat` and `eval` run from the console script, whose launcher defers the Auto-class registration
     to the table: a command that needs models and did not get them would fail here, not only for users."""
@@ -66,6 +67,7 @@ def test_the_commands_that_load_models_register_them_once_through_the_launcher(t
         (["demo", "pretrain", "full"], "sphinx-mllm demo: error: "),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path, words, expected):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "something").write_text("")  # an output folder that is not empty

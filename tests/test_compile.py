@@ -18,7 +18,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, CompileConf
 from modeling_sphinx import SphinxConfig, SphinxForConditionalGeneration
 from modeling_sphinx.inference import chat_inputs
 
-from .conftest import IMAGES, image_message
+from .helpers import IMAGES, image_message
 
 NEW_TOKENS = 6
 

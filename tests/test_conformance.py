@@ -1,4 +1,5 @@
-"""Regression tests for what transformers' own model tests caught on the default path (issue 8)."""
+"""What transformers' own model tests check on the default path: one BOS, annotated call signatures, tuples, layouts,
+assisted decoding, encoder configs and the context guard."""
 
 import inspect
 
@@ -18,7 +19,7 @@ from modeling_sphinx import (
 )
 from modeling_sphinx.folder.create import init_model
 
-from .conftest import IMAGES, image_message
+from .helpers import IMAGES, image_message
 
 
 def _inputs(processor, text="<image>What is it?", image="chelsea.png"):

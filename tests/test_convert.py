@@ -22,7 +22,7 @@ from modeling_sphinx.folder.convert import (
 )
 from modeling_sphinx.folder.tokenizer import train_tiny_sentencepiece
 
-from .conftest import PARITY
+from .helpers import PARITY
 
 FIXTURES = ["llama_ens", "llama_ens5", "llama_ens5_light"]
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
@@ -185,6 +185,7 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", FIXTURES)
 def test_default_path_reproduces_original_without_the_package(converted, fixture, tmp_path):
     """Remote code only (no `modeling_sphinx`): the default and the PIL processor, both calling patterns, give

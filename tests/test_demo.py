@@ -1,13 +1,16 @@
-"""The miniature demo (issue 11): `sphinx-mllm demo --quick` learns, is deterministic and reuses its stages."""
+"""The miniature demo: `sphinx-mllm demo --quick` learns, is deterministic and reuses its stages."""
 
 import json
 
 import numpy as np
+import pytest
 from huggingface_hub import ModelCard
 from PIL import Image
 
 from modeling_sphinx.cli import main
 from modeling_sphinx.miniature.world import HEIGHT, WIDTH, render
+
+pytestmark = pytest.mark.slow
 
 
 def _losses(folder):

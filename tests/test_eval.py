@@ -1,4 +1,4 @@
-"""Evaluation (issue 10): metrics on worked examples, `sphinx-mllm eval`, and the lmms-eval plugin."""
+"""Evaluation: metrics on worked examples, `sphinx-mllm eval`, and the lmms-eval plugin."""
 
 import json
 from pathlib import Path

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import FIXTURES, IMAGES, PARITY
+from .helpers import FIXTURES, IMAGES, PARITY
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY_FIXTURES = ["llama_ens", "llama_ens5", "llama_ens5_light"]

@@ -1,4 +1,4 @@
-"""A filesystem that fills up (issue 20): `convert`, `mix` and a training save end with one line naming the path
+"""A filesystem that fills up: `convert`, `mix` and a training save end with one line naming the path
 and the space needed, exit 2, leave no partial output and do not touch their inputs.
 
 The commands run in a child process whose files may not grow past a limit (`RLIMIT_FSIZE`, with `SIGXFSZ`
@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PARITY, train_args
+from .helpers import PARITY, train_args
+
+pytestmark = pytest.mark.slow
 
 LIMIT = 200_000  # bytes a file may reach: every model file of these tiny models is larger
 

@@ -1,4 +1,4 @@
-"""Malformed input at volume (issue 20): any input to the parsers and loaders either parses or raises the
+"""Malformed input at volume: any input to the parsers and loaders either parses or raises the
 documented `ValueError` (`DataError`, `RecipeError`) naming the problem; never another exception, never a hang.
 Examples are bounded (`EXAMPLES` each) and seeded by hypothesis' database-free derandomised mode."""
 

@@ -9,8 +9,10 @@ import sys
 import pytest
 import torch
 
-from .conftest import REPO
+from .helpers import REPO
 from .test_hub_kernels import LOUD, MARKER
+
+pytestmark = pytest.mark.slow
 
 SUITE = REPO / "benchmarks" / "gpu_suite.py"
 
@@ -106,3 +108,13 @@ def test_without_a_gpu_the_default_run_says_so(tmp_path):
     assert run.returncode == 0 and run.stdout.startswith("skipped: no CUDA GPU")
     unknown = _suite("--sections", "card,nope", cwd=tmp_path)
     assert unknown.returncode == 2 and "unknown section 'nope'" in unknown.stderr
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_ceilings_and_the_parity_fixtures_are_measured(tmp_path):
+    run = _suite("--sections", "card,numerics", "--out", str(tmp_path), cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert results["card"]["copy_tb_per_s"] > 0.1 and results["card"]["bf16_matmul_tflop_per_s"] > 1
+    for name, fixture in results["numerics"]["fixtures"].items():
+        assert fixture["float32_max_abs_diff"] <= 1e-4 or name == "llama_ens5_light", name  # see docs/gpu.md

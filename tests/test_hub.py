@@ -18,7 +18,7 @@ from modeling_sphinx.folder.card import ENCODER_NAMES, render_model_card
 from modeling_sphinx.folder.create import init_model
 from modeling_sphinx.folder.publish import push_folder
 
-from .conftest import IMAGES
+from .helpers import IMAGES
 
 TOKEN = "hf_test_secret_token_1234567890"
 
@@ -78,6 +78,7 @@ def fake_hub(monkeypatch):
     set_client_factory(lambda: httpx2.Client(event_hooks={"request": [hf_request_event_hook]}))
 
 
+@pytest.mark.slow
 def test_push_uploads_the_complete_folder_in_one_commit(tiny_model_dir, fake_hub, tmp_path, capsys):
     folder = tiny_model_dir("sphinx-tiny")
     code = main(["push", str(folder), "--repo-id", "me/sphinx-tiny-test", "--revision", "dev", "--license", "llama2"])

@@ -13,7 +13,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .conftest import IMAGES, REPO
+import pytest
+
+from .helpers import IMAGES, REPO
+
+pytestmark = pytest.mark.slow
 
 LOUD = Path(__file__).resolve().parent / "loud_kernels"
 MARKER = "LOUD_KERNEL_FETCH"

@@ -17,7 +17,7 @@ from modeling_sphinx.inference import (
     user_turn,
 )
 
-from .conftest import IMAGES
+from .helpers import IMAGES
 
 QUESTIONS = ["What is it?", "What colour is it?", "Where is the cat?"]
 

@@ -1,4 +1,4 @@
-"""SIGKILL at chosen points (issue 20): `mix`, `convert`, `train` (between steps and while a checkpoint is being
+"""SIGKILL at chosen points: `mix`, `convert`, `train` (between steps and while a checkpoint is being
 written), `eval` and `demo` leave no output or checkpoint that looks complete but is not; the same command run
 again completes, and resuming gives what an uninterrupted run gives.
 
@@ -15,11 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from .conftest import PARITY, train_args
+from .helpers import PARITY, train_args
+
+pytestmark = pytest.mark.slow
 
 KILLER = Path(__file__).resolve().parent / "killer"
 

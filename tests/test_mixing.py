@@ -25,7 +25,7 @@ from modeling_sphinx.mixing import (
     resolve_value,
 )
 
-from .conftest import IMAGES, image_message
+from .helpers import IMAGES, image_message
 
 LLM_KEY = "model.language_model.layers.0.self_attn.q_proj.weight"
 VISION_KEY = "model.clip.blocks.0.attn.qkv.weight"

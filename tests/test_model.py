@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 
 from modeling_sphinx import SphinxConfig, SphinxForConditionalGeneration, SphinxModel, SphinxProcessor
 
-from .conftest import IMAGES
+from .helpers import IMAGES
 
 
 def _inputs(processor, texts_and_images):
@@ -247,6 +247,7 @@ def test_context_length_overflow_is_a_clear_error(tiny_model_dir):
         model(**inputs)
 
 
+@pytest.mark.slow
 def test_remote_code_load_without_the_package(tiny_model_dir, tmp_path):
     folder = tiny_model_dir("sphinx-tiny")
     processor = AutoProcessor.from_pretrained(folder)

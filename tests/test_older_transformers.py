@@ -1,4 +1,4 @@
-"""Saved folders run as remote code under the transformers that serving engines pin (issue 19).
+"""Saved folders run as remote code under the transformers that serving engines pin.
 
 vLLM 0.32-0.33 and SGLang pin transformers 5.16-5.20; the package itself needs the newest. The second
 environment here is a fresh venv that sees transformers 5.19.0 first and, behind it, this environment's torch,
@@ -14,6 +14,8 @@ import venv
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.slow
 
 PINNED = "5.19.0"
 FAMILIES = ("sphinx-1k", "sphinx-tiny", "sphinx-moe")  # LLaMA, LLaMA "light" (no Q-Former, one encoder), Mixtral

@@ -10,7 +10,7 @@ from transformers import pipeline
 from modeling_sphinx import SPHINX_VARIANTS
 from modeling_sphinx.cli import main
 
-from .conftest import IMAGES, image_message
+from .helpers import IMAGES, image_message
 
 
 @pytest.mark.parametrize("variant", sorted(SPHINX_VARIANTS))
@@ -82,6 +82,7 @@ def _launch(*args, cwd):
     return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
 
 
+@pytest.mark.slow
 def test_help_and_light_commands_do_not_import_the_model_stack(tiny_model_dir, tmp_path):
     report, _ = _launch("--help", cwd=tmp_path)
     assert report == {"code": 0, "imported": []}

@@ -1,4 +1,4 @@
-"""The miniature's pretrained parts (issue 17): `sphinx-mllm demo pretrain`, and the parts the package ships."""
+"""The miniature's pretrained parts: `sphinx-mllm demo pretrain`, and the parts the package ships."""
 
 import json
 import os
@@ -71,6 +71,7 @@ def test_parts_of_another_model_are_refused(tmp_path, miniature):
         load_parts(miniature[1], tmp_path)
 
 
+@pytest.mark.slow
 def test_the_shipped_parts_load_and_reproduce_their_recorded_metrics(miniature):
     manifest = json.loads((SHIPPED / "manifest.json").read_text())
     assert sum(p.stat().st_size for p in SHIPPED.iterdir()) <= 10 * 1024**2
@@ -105,6 +106,7 @@ def test_every_part_learned_its_own_objective():
     assert manifest["seconds"] <= 3600 and manifest["torch_threads"] == 2
 
 
+@pytest.mark.slow
 def test_a_built_wheel_ships_the_parts(tmp_path):
     """`pip install .` (not only `-e`) has the parts: they are package data of the wheel."""
     repo = Path(__file__).resolve().parents[1]

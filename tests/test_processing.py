@@ -10,7 +10,7 @@ from modeling_sphinx import SphinxImageProcessor, SphinxImageProcessorPil
 from modeling_sphinx.processing.image_processing_sphinx import pillow_resize
 from modeling_sphinx.processing.tasks_sphinx import SYSTEM_PROMPT, format_box
 
-from .conftest import IMAGES, image_message
+from .helpers import IMAGES, image_message
 
 
 def original_prompt(turns: list[tuple[str, str | None]]) -> str:

@@ -1,4 +1,4 @@
-"""The web app (issue 12): `sphinx-mllm serve` on 127.0.0.1, driven by `gradio_client` and by headless Chromium.
+"""The web app: `sphinx-mllm serve` on 127.0.0.1, driven by `gradio_client` and by headless Chromium.
 
 The served model is the quick demo's trained miniature, which answers grounding instructions with boxes.
 """
@@ -19,6 +19,8 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from modeling_sphinx.processing.tasks_sphinx import TASK_INSTRUCTIONS
+
+pytestmark = pytest.mark.slow
 
 
 def _free_port() -> int:
@@ -99,6 +101,7 @@ def test_answer_endpoint_returns_the_answer_and_its_boxes_in_pixels(served, imag
     assert again == result  # greedy, and still serving after the bad uploads
 
 
+@pytest.mark.browser
 def test_the_page_grounds_a_phrase_and_reports_bad_uploads(served, images, tmp_path):
     chromium = shutil.which("chromium")
     if chromium is None:

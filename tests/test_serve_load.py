@@ -1,12 +1,16 @@
-"""The web app under concurrent load (issue 20): 16 `gradio_client` clients against `sphinx-mllm serve` on
+"""The web app under concurrent load: 16 `gradio_client` clients against `sphinx-mllm serve` on
 loopback, good questions, long answers and bad uploads mixed; nothing fails, hangs, changes or leaks."""
 
 import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from modeling_sphinx.cli import main
 from modeling_sphinx.processing.tasks_sphinx import TASK_INSTRUCTIONS
+
+pytestmark = pytest.mark.slow
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve_load.py"
 

@@ -32,7 +32,7 @@ from modeling_sphinx.inference import chat_inputs, generate_answers, load_pretra
 from modeling_sphinx.processing.tasks_sphinx import TASK_INSTRUCTIONS
 from modeling_sphinx.serving.client import chat_request
 
-from .conftest import IMAGES
+from .helpers import IMAGES
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Multi-task SFT: task formats and datasets, the collator's labels, and the TRL recipes end to end (issue 9)."""
+"""Multi-task SFT: task formats and datasets, the collator's labels, and the TRL recipes end to end."""
 
 import dataclasses
 import json
@@ -30,7 +30,7 @@ from modeling_sphinx.records import DataError
 from modeling_sphinx.training.mixtures import build_samples, load_mixture, read_mixture
 from modeling_sphinx.training.sft import SphinxDataCollator
 
-from .conftest import IMAGES, train_args, write_jsonl
+from .helpers import IMAGES, train_args, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 WIDE = (100, 200)  # (height, width): padded to a 200-px square with 50 rows above the image
@@ -350,6 +350,7 @@ def test_lora_trains_only_the_named_modules_and_merges_back(world, tiny_sphinx, 
             assert torch.equal(tensor, original[name]), name  # the towers are never trained
 
 
+@pytest.mark.slow
 def test_two_process_run_on_cpu(world, tiny_sphinx, tmp_path):
     out = tmp_path / "ddp"
     command = [

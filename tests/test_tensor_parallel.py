@@ -1,4 +1,4 @@
-"""Tensor parallelism with transformers' own plan (issue 19): `recipes/tensor_parallel/tp_generate.py` under torchrun,
+"""Tensor parallelism with transformers' own plan: `recipes/tensor_parallel/tp_generate.py` under torchrun,
 two gloo processes on CPU, gives the logits and greedy ids of one process, with the LLM really sharded."""
 
 import os
@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from .conftest import IMAGES
+from .helpers import IMAGES
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "What is it?"

@@ -49,8 +49,12 @@ from .world import DOMAINS
 GENERIC_INSTRUCTION = "Answer about the image: {content}"
 HELD_OUT = 40_000_000  # first seed of the ablations' held-out images, apart from the main job's
 ENCODER_NAMES = {"clip": "CLIP-style ViT", "convnext": "ConvNeXt", "dinov2": "DINOv2-style ViT"}
-TRAINED_TASK = {"VQA": "vqa", "grounding": "referring_expression", "region-caption": "region_caption",
-                "detection": "detection"}  # fmt: skip
+TRAINED_TASK = {
+    "VQA": "vqa",
+    "grounding": "referring_expression",
+    "region-caption": "region_caption",
+    "detection": "detection",
+}
 ALL_TASKS, ALONE, GENERIC = "all tasks, task instructions", "each task alone", "all tasks, one generic instruction"
 ALL_ENCODERS = "CLIP + ConvNeXt + DINOv2"
 
@@ -85,10 +89,24 @@ def _tasks_alone(root, start, train, budget, held_out) -> tuple[dict, dict]:
     outcomes, budgets = {}, {}
     steps = single_task_steps(budget)
     for name, task in TRAINED_TASK.items():
-        model = task_stage(start, list(train.values()), root / f"alone-{task}", budget, f"stage 2, {name} alone",
-                           weights={task: 1}, steps=steps[task])  # fmt: skip
-        outcomes.update(score(model, held_out, root / "eval" / f"alone-{task}", f"eval, {name} alone",
-                              evaluations={name: EVERY_TASK[name]}))  # fmt: skip
+        model = task_stage(
+            start,
+            list(train.values()),
+            root / f"alone-{task}",
+            budget,
+            f"stage 2, {name} alone",
+            weights={task: 1},
+            steps=steps[task],
+        )
+        outcomes.update(
+            score(
+                model,
+                held_out,
+                root / "eval" / f"alone-{task}",
+                f"eval, {name} alone",
+                evaluations={name: EVERY_TASK[name]},
+            )
+        )
         budgets[name] = spent(model)
     return outcomes, budgets
 
@@ -117,15 +135,31 @@ def _run_ablations(out: Path, quick: bool, force: bool, seed: int) -> dict:
     outcomes = {ALL_TASKS: score(mixed_model, held_out, root / "eval" / "all-tasks", f"eval, {ALL_TASKS}", **every)}
     budgets = {ALL_TASKS: spent(mixed_model)}
     outcomes[ALONE], budgets[ALONE] = _tasks_alone(root, starts[mixed], train, budget, held_out)
-    generic = task_stage(starts[mixed], list(train.values()), root / "generic-instruction", budget,
-                         f"stage 2, {GENERIC}", prompt_template=GENERIC_INSTRUCTION)  # fmt: skip
-    outcomes[GENERIC] = score(generic, held_out, root / "eval" / "generic-instruction", f"eval, {GENERIC}",
-                              prompt_template=GENERIC_INSTRUCTION, **every)  # fmt: skip
+    generic = task_stage(
+        starts[mixed],
+        list(train.values()),
+        root / "generic-instruction",
+        budget,
+        f"stage 2, {GENERIC}",
+        prompt_template=GENERIC_INSTRUCTION,
+    )
+    outcomes[GENERIC] = score(
+        generic,
+        held_out,
+        root / "eval" / "generic-instruction",
+        f"eval, {GENERIC}",
+        prompt_template=GENERIC_INSTRUCTION,
+        **every,
+    )
     budgets[GENERIC] = spent(generic)
-    task_mix = _ablation(outcomes, budgets, {
-        f"{ALL_TASKS} - {ALONE}": (ALL_TASKS, ALONE),
-        f"{ALL_TASKS} - {GENERIC}": (ALL_TASKS, GENERIC),
-    })  # fmt: skip
+    task_mix = _ablation(
+        outcomes,
+        budgets,
+        {
+            f"{ALL_TASKS} - {ALONE}": (ALL_TASKS, ALONE),
+            f"{ALL_TASKS} - {GENERIC}": (ALL_TASKS, GENERIC),
+        },
+    )
 
     outcomes = {ALL_ENCODERS: outcomes[ALL_TASKS]}
     budgets = {ALL_ENCODERS: _recipe_budget(starts, mixed_model)}
@@ -143,10 +177,14 @@ def _run_ablations(out: Path, quick: bool, force: bool, seed: int) -> dict:
 
     results = {"task mix": task_mix, "visual-embedding mix": visual}
     write_text_atomic(root / "results.json", json.dumps(results, indent=2) + "\n")
-    plot_ablation(task_mix["arms"], "Task mix: stage 2 on all tasks, each task alone, one generic instruction",
-                  root / "task_mix.png")  # fmt: skip
-    plot_ablation(visual["arms"], "Visual-embedding mix: three encoders against each alone",
-                  root / "visual_embedding_mix.png")  # fmt: skip
+    plot_ablation(
+        task_mix["arms"],
+        "Task mix: stage 2 on all tasks, each task alone, one generic instruction",
+        root / "task_mix.png",
+    )
+    plot_ablation(
+        visual["arms"], "Visual-embedding mix: three encoders against each alone", root / "visual_embedding_mix.png"
+    )
     write_text_atomic(root / "report.md", format_ablations(results) + "\n")
     return results
 
@@ -183,10 +221,15 @@ def format_ablations(results: dict) -> str:
         lines += [f"## {ablation}", "", *format_table(found["arms"]), ""]
         for pair, difference in found["comparisons"].items():
             paper = _claim_of(ablation, pair, found)
-            said = verdict(difference, f"better: the paper's direction ({paper}) holds",
-                           f"worse: the paper's direction ({paper}) does not hold here")  # fmt: skip
-            lines.append(f"{ablation}, average of the cells, {pair}: {difference['difference']:+.3f} (95 % interval "
-                         f"{difference['low']:+.3f} to {difference['high']:+.3f}): {said}")  # fmt: skip
+            said = verdict(
+                difference,
+                f"better: the paper's direction ({paper}) holds",
+                f"worse: the paper's direction ({paper}) does not hold here",
+            )
+            lines.append(
+                f"{ablation}, average of the cells, {pair}: {difference['difference']:+.3f} (95 % interval "
+                f"{difference['low']:+.3f} to {difference['high']:+.3f}): {said}"
+            )
         lines.append("")
     return "\n".join(lines).rstrip()
 

@@ -57,9 +57,8 @@ class Budget:
     task_learning_rate: float = 2e-3
 
 
-# 6.9 min on 2 idle CPU cores (2026-12-02). Stage 1's caption loss is flat after about 100 steps, so stage 2 gets
-# the time: at 250 / 500 steps with tasks sampled 2 : 2 : 1 : 1 grounding stayed at 0.07 / 0.12.
-# 400 held-out images put every cell's 95 % interval within +-0.05 (+-0.049 at a score of 0.5).
+# How these numbers were chosen, with the runs behind them, is in docs/miniature.md. 400 held-out images put every
+# cell's 95 % interval within +-0.05 (+-0.049 at a score of 0.5).
 FULL = Budget(train_images=800, eval_images=200, ablation_eval_images=400, caption_steps=150, task_steps=600)
 QUICK = Budget(train_images=64, eval_images=8, ablation_eval_images=8, caption_steps=12, task_steps=16)
 
@@ -78,24 +77,54 @@ def write_split(root: Path, domain: str, first_seed: int, count: int) -> Path:
         name = f"images/{seed}.png"  # relative to the split folder, for the SFT builders and `evaluate` alike
         image.save(folder / name)
         target = shapes[seed % len(shapes)]
-        vqa.append({"id": f"{seed}-shape", "image": name, "question": f"What colour is the {target['kind']}?",
-                    "answer": target["colour"], "kind": "shape colour"})  # fmt: skip
+        vqa.append(
+            {
+                "id": f"{seed}-shape",
+                "image": name,
+                "question": f"What colour is the {target['kind']}?",
+                "answer": target["colour"],
+                "kind": "shape colour",
+            }
+        )
         if seed % 2 == 0:  # the dot is 7 px: at 112-px views only the sub-image crops see it at full size
-            vqa.append({"id": f"{seed}-dot", "image": name, "question": "What colour is the small dot?",
-                        "answer": dot["colour"], "kind": "dot colour"})  # fmt: skip
-        grounding.append({"id": f"{seed}", "image": name, "expression": f"the {target['colour']} {target['kind']}",
-                          "box": target["box"]})  # fmt: skip
-        turns = [{"from": "human", "value": TASK_INSTRUCTIONS["short_caption"]},
-                 {"from": "gpt", "value": caption(shapes, dot, domain)}]  # fmt: skip
+            vqa.append(
+                {
+                    "id": f"{seed}-dot",
+                    "image": name,
+                    "question": "What colour is the small dot?",
+                    "answer": dot["colour"],
+                    "kind": "dot colour",
+                }
+            )
+        grounding.append(
+            {
+                "id": f"{seed}",
+                "image": name,
+                "expression": f"the {target['colour']} {target['kind']}",
+                "box": target["box"],
+            }
+        )
+        turns = [
+            {"from": "human", "value": TASK_INSTRUCTIONS["short_caption"]},
+            {"from": "gpt", "value": caption(shapes, dot, domain)},
+        ]
         captions.append({"id": f"{seed}", "image": name, "conversations": turns})
         coco["images"].append({"id": seed, "file_name": name, "width": image.width, "height": image.height})
         for shape in shapes:
-            detections.append({"id": f"{seed}-{shape['kind']}", "image": name, "category": shape["kind"],
-                               "boxes": [shape["box"]]})  # fmt: skip
+            detections.append(
+                {"id": f"{seed}-{shape['kind']}", "image": name, "category": shape["kind"], "boxes": [shape["box"]]}
+            )
             x1, y1, x2, y2 = shape["box"]
-            coco["annotations"].append({"id": len(coco["annotations"]), "image_id": seed, "iscrowd": 0,
-                                        "category_id": SHAPES.index(shape["kind"]), "area": (x2 - x1) * (y2 - y1),
-                                        "bbox": [x1, y1, x2 - x1, y2 - y1]})  # fmt: skip
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]),
+                    "image_id": seed,
+                    "iscrowd": 0,
+                    "category_id": SHAPES.index(shape["kind"]),
+                    "area": (x2 - x1) * (y2 - y1),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                }
+            )
     files = {"vqa.jsonl": vqa, "grounding.jsonl": grounding, "captions.jsonl": captions, "detection.jsonl": detections}
     for name, rows in files.items():
         (folder / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -260,8 +289,17 @@ def score(
                 shutil.rmtree(folder, ignore_errors=True)
                 if model is None:
                     processor, model = load_pretrained(str(model_dir), dtype="float32")
-                evaluate(model, processor, task, splits[domain] / data, folder, batch_size=32,
-                         max_new_tokens=longest, progress=False, prompt_template=prompt_template)  # fmt: skip
+                evaluate(
+                    model,
+                    processor,
+                    task,
+                    splits[domain] / data,
+                    folder,
+                    batch_size=32,
+                    max_new_tokens=longest,
+                    progress=False,
+                    prompt_template=prompt_template,
+                )
             records = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
             # a grounding record's score is its IoU (0 for an answer without a box); a hit is IoU >= 0.5
             hits = [float(r["score"] >= 0.5) if task == "rec" else float(r["score"]) for r in records]
@@ -340,8 +378,10 @@ def claim(out: Path, budget: Budget, seed: int, force: bool):
     stamp, wanted = out / "budget.json", {"seed": seed, **asdict(budget)}
     if stamp.is_file() and (found := json.loads(stamp.read_text())) != wanted:
         differences = ", ".join(f"{k} {found.get(k)} (now {v})" for k, v in wanted.items() if found.get(k) != v)
-        raise ValueError(f"{out} holds the stages of a run with {differences}; pass --force to redo them there, "
-                         "or choose another --out")  # fmt: skip
+        raise ValueError(
+            f"{out} holds the stages of a run with {differences}; pass --force to redo them there, "
+            "or choose another --out"
+        )
     stamp.write_text(json.dumps(wanted, indent=2) + "\n")
 
 
@@ -365,9 +405,11 @@ def recipe_starts(
     """Stage 1 on each domain from the pretrained parts, then their weight mix: stage 2's starts, by name."""
     init = init_from_parts(root / "init", seed, encoders)
     parents = {
-        domain: caption_stage(init, train[domain], root / f"stage1-{domain}", budget, f"stage 1{label}, {domain} captions")
+        domain: caption_stage(
+            init, train[domain], root / f"stage1-{domain}", budget, f"stage 1{label}, {domain} captions"
+        )
         for domain in DOMAINS
-    }  # fmt: skip
+    }
     return {**parents, mix_name(budget): weight_mix(parents["real"], parents["synthetic"], budget.beta, root / "mix")}
 
 
@@ -393,12 +435,12 @@ def _run_demo(out: Path, quick: bool, force: bool, seed: int) -> dict:
         "weight mix": {
             f"{mixed_tuned} - {parent} + stage 2": compare(outcomes[mixed_tuned], outcomes[f"{parent} + stage 2"])
             for parent in DOMAINS
-        },  # fmt: skip
+        },
     }
     results["best"] = max(results["models"], key=lambda n: results["models"][n]["average"]["score"])
-    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     _publish(tuned[results["best"]], results, out)
-    _examples(out / "best", eval_splits["real"], out)
+    results["examples"] = _examples(out / "best", eval_splits["real"], out)
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -420,9 +462,9 @@ def _publish(folder: Path, results: dict, out: Path):
         (staging / "demo_model.txt").write_text(f"{results['best']}\n")
 
 
-def _examples(model_dir: Path, split: Path, out: Path, count: int = 3) -> list[Path]:
+def _examples(model_dir: Path, split: Path, out: Path, count: int = 3) -> list[dict]:
     """The first held-out grounding questions through the pipeline: the parsed box drawn (orange) beside the
-    true one (green), and the IoU printed, hits and misses alike."""
+    true one (green) into `out`, and each answer with its IoU, hits and misses alike."""
     from transformers import pipeline
 
     from ..evaluation.metrics import box_iou
@@ -431,7 +473,7 @@ def _examples(model_dir: Path, split: Path, out: Path, count: int = 3) -> list[P
 
     pipe = pipeline("image-text-to-text", model=str(model_dir))
     rows = [json.loads(line) for line in (split / "grounding.jsonl").read_text().splitlines()][:count]
-    drawn = []
+    answered = []
     for row in rows:
         image_path = split / row["image"]
         question = TASK_INSTRUCTIONS["referring_expression"].format(expression=row["expression"])
@@ -447,13 +489,13 @@ def _examples(model_dir: Path, split: Path, out: Path, count: int = 3) -> list[P
         target = out / f"example_{row['id']}.png"
         draw_answer(image, grounded, truth=row["box"]).save(target)
         iou = box_iou(grounded.boxes[0], row["box"]) if grounded.boxes else 0.0
-        verdict = "hit" if iou >= 0.5 else "miss"
-        print(f"{row['expression']!r}: {answer.strip()!r}, IoU {iou:.3f} with the true box ({verdict}) -> {target}")
-        drawn.append(target)
-    return drawn
+        answered.append(
+            {"expression": row["expression"], "answer": answer.strip(), "iou": iou, "drawing": target.name}
+        )
+    return answered
 
 
-# The targets of the miniature, from its issue: the best model on both domains
+# The targets of the miniature: the best model on both domains
 TARGETS = {"VQA": 0.9, "grounding": 0.6}
 
 
@@ -465,8 +507,10 @@ def format_table(models: dict[str, dict], best: str | None = None) -> list[str]:
         shown = [f"{c['score']:.2f} ({c['low']:.2f}-{c['high']:.2f})" for c in cells.values()]
         lines.append(f"| {name}{' (best)' if name == best else ''} | " + " | ".join(shown) + " |")
     questions = sorted({c["questions"] for cells in models.values() for n, c in cells.items() if n != "average"})
-    lines.append(f"(95 % intervals; {' to '.join(map(str, dict.fromkeys(questions[:1] + questions[-1:])))} "
-                 "held-out questions per cell)")  # fmt: skip
+    lines.append(
+        f"(95 % intervals; {' to '.join(map(str, dict.fromkeys(questions[:1] + questions[-1:])))} "
+        "held-out questions per cell)"
+    )
     return lines
 
 
@@ -483,12 +527,22 @@ def format_report(results: dict) -> str:
     """The table (score and 95 % interval per cell), the weight-mix comparison and the targets, each sentence
     decided by the numbers."""
     models = results["models"]
-    lines = format_table(models, results["best"])
+    lines = [
+        f"{example['expression']!r}: {example['answer']!r}, IoU {example['iou']:.3f} with the true box "
+        f"({'hit' if example['iou'] >= 0.5 else 'miss'}) -> {example['drawing']}"
+        for example in results.get("examples", [])
+    ]
+    lines += format_table(models, results["best"])
     for pair, found in results["weight mix"].items():
-        said = verdict(found, "the mix is better: the paper's direction holds",
-                       "the mix is worse: the paper's direction does not hold here")  # fmt: skip
-        lines.append(f"weight mix, two-domain average, {pair}: {found['difference']:+.3f} "
-                     f"(95 % interval {found['low']:+.3f} to {found['high']:+.3f}): {said}")  # fmt: skip
+        said = verdict(
+            found,
+            "the mix is better: the paper's direction holds",
+            "the mix is worse: the paper's direction does not hold here",
+        )
+        lines.append(
+            f"weight mix, two-domain average, {pair}: {found['difference']:+.3f} "
+            f"(95 % interval {found['low']:+.3f} to {found['high']:+.3f}): {said}"
+        )
     best = models[results["best"]]
     for metric, target in TARGETS.items():
         reached = [f"{domain} {best[f'{metric} {domain}']['score']:.2f}" for domain in DOMAINS]

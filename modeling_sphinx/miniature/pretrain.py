@@ -24,6 +24,7 @@ one-shape scenes), the LLM by its perplexity on held-out text.
 """
 
 import json
+import logging
 import random
 import resource
 import tempfile
@@ -40,6 +41,7 @@ from ..folder.atomic import atomic_output_dir, refuse_non_empty
 from ..processing.tasks_sphinx import format_box
 from .world import COLOURS, DOMAINS, HEIGHT, MINIATURE, MINIATURE_VOCABULARY, SHAPES, WIDTH, caption, place, render
 
+logger = logging.getLogger(__name__)
 SHIPPED = Path(__file__).resolve().parent / "pretrained"
 # what a probe reads from an encoder's tokens of a one-shape scene (None: the classes seen in the data)
 PROBED = {"colour": list(COLOURS), "kind": list(SHAPES), "place": None}
@@ -398,14 +400,16 @@ class Measurement:
         return metrics
 
 
-def pretrain(out: str | Path, quick: bool = False, seed: int = 0, progress=print) -> Path:
-    """Pretrain the miniature's parts into `out` (written atomically); returns `out`."""
+def pretrain(out: str | Path, quick: bool = False, seed: int = 0, progress=None) -> Path:
+    """Pretrain the miniature's parts into `out` (written atomically); returns `out`. `progress` gets a line per
+    finished part (default: the module's logger)."""
     from safetensors.torch import save_file
 
     from ..folder.tokenizer import train_tiny_sentencepiece
     from ..inference import load_pretrained
 
     budget = QUICK if quick else FULL
+    progress = progress or logger.info
     started = time.perf_counter()
     out = refuse_non_empty(out)
     with tempfile.TemporaryDirectory() as scratch:

@@ -51,7 +51,7 @@ class _SeparatorEndsTheTurn(logging.Filter):
         return "end-of-turn token in the loss mask" not in record.getMessage()
 
 
-logging.getLogger("trl.trainer.sft_trainer").addFilter(_SeparatorEndsTheTurn())
+SEPARATOR_ENDS_THE_TURN = _SeparatorEndsTheTurn()  # added to TRL's logger by `train`
 
 LLM_LINEAR_LAYERS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 PROJECTOR_LAYERS = ("visual_proj.0", "visual_proj.1", "qformer_proj.0", "qformer_proj.1")
@@ -279,6 +279,7 @@ def train(
     LLM already in 4-bit (`modeling_sphinx.inference.four_bit_config`). A QLoRA run merges its adapter into a
     16-bit copy loaded from `args.model_name_or_path`, so that must name the same weights.
     `callbacks`: more `TrainerCallback`s for the trainer (e.g. to time steps)."""
+    logging.getLogger("trl.trainer.sft_trainer").addFilter(SEPARATOR_ENDS_THE_TURN)
     processor = processor if processor is not None else load_processor(args.model_name_or_path)
     check_max_length(training_args, processor)
     if args.streaming and training_args.max_steps <= 0:
