@@ -1,7 +1,9 @@
 """Readers of the records that training data and evaluation share: rows, boxes and images.
 
 One reader per thing, so a box or an image that one tool accepts, every tool accepts, with the same message
-when it does not: a `DataError` (a `ValueError`) that starts with where the record is.
+when it does not: a `DataError` (a `ValueError`) that starts with where the record is. Images are read two ways
+only: their size from the header (`image_size`), and decoded in full by the processor's own `load_image_file`
+(`open_image`).
 """
 
 import csv
@@ -99,12 +101,18 @@ def image_file(name: str, root: Path | None, where: str) -> tuple[Path, tuple[in
     path = _resolve(name, root)
     if not path.is_file():
         raise DataError(f"{where}: image file {str(path)!r} does not exist")
+    return path, image_size(path, where)
+
+
+def image_size(path: str | Path, where: str | None = None) -> tuple[int, int]:
+    """`(height, width)` of an image file from its header alone (nothing is decoded), or a `DataError` naming it."""
+    prefix = f"{where}: " if where else ""
     try:
         with PIL.Image.open(path) as image:
             width, height = image.size
-    except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as error:
-        raise DataError(f"{where}: cannot read image {str(path)!r}: {error}") from None
-    return path, (height, width)
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+        raise DataError(f"{prefix}cannot read image {str(path)!r}: {error}") from None
+    return height, width
 
 
 def open_image(value, root: Path | None = None, where: str | None = None) -> PIL.Image.Image:

@@ -14,11 +14,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from modeling_sphinx import SphinxConfig, SphinxForConditionalGeneration
 from modeling_sphinx.cli import main
-from modeling_sphinx.folder.card import ENCODER_NAMES, render_model_card
+from modeling_sphinx.folder.card import ENCODER_NAMES, TEMPLATE, render_model_card
 from modeling_sphinx.folder.create import init_model
 from modeling_sphinx.folder.publish import push_folder
 
-from .helpers import IMAGES
+from .helpers import IMAGES, REPO
 
 TOKEN = "hf_test_secret_token_1234567890"
 
@@ -240,3 +240,8 @@ def test_a_folder_being_written_knows_its_published_name(tmp_path, name):
     with atomic_output_dir(tmp_path / name) as staging:
         assert staging.name != name and published_name(staging) == name
     assert published_name(tmp_path / name) == name
+
+
+def test_the_card_template_is_the_repository_model_card():
+    """One template: the package's is a link to the top-level `model_card.md`, never a copy that could drift."""
+    assert TEMPLATE.is_symlink() and TEMPLATE.resolve() == (REPO / "model_card.md").resolve()

@@ -107,8 +107,9 @@ def test_every_part_learned_its_own_objective():
 
 
 @pytest.mark.slow
-def test_a_built_wheel_ships_the_parts(tmp_path):
-    """`pip install .` (not only `-e`) has the parts: they are package data of the wheel."""
+def test_a_built_wheel_ships_the_parts_and_the_card_template(tmp_path):
+    """`pip install .` (not only `-e`) has the parts and the model card template: they are package data of the
+    wheel, the template the repository's own `model_card.md`."""
     repo = Path(__file__).resolve().parents[1]
     leftover = not (repo / "build").exists()  # setuptools builds in the tree; leave it as it was
     build = subprocess.run(
@@ -123,5 +124,7 @@ def test_a_built_wheel_ships_the_parts(tmp_path):
         shutil.rmtree(repo / "build", ignore_errors=True)
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = tmp_path.glob("*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
+    archive = zipfile.ZipFile(wheel)
+    names = set(archive.namelist())
     assert {f"modeling_sphinx/miniature/pretrained/{p.name}" for p in SHIPPED.iterdir()} <= names
+    assert archive.read("modeling_sphinx/folder/model_card.md") == (repo / "model_card.md").read_bytes()

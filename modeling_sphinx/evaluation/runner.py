@@ -22,11 +22,11 @@ it) and writes `metrics.json` from every line. Images are paths (relative to the
 """
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..folder.atomic import write_text_atomic
 from ..processing.tasks_sphinx import check_prompt_template, format_box, task_prompt
 from ..records import open_image, pixel_box, read_rows, record_box
 from . import metrics
@@ -245,9 +245,9 @@ def evaluate(
     records = _done_ids(predictions)
     result = spec.aggregate(records)
     result["samples"] = len(records)
-    staging = out_dir / ".metrics.json.partial"
-    staging.write_text(json.dumps({"task": task, "data": str(data), "metrics": result}, indent=2) + "\n")
-    os.replace(staging, out_dir / "metrics.json")
+    write_text_atomic(
+        out_dir / "metrics.json", json.dumps({"task": task, "data": str(data), "metrics": result}, indent=2) + "\n"
+    )
     return result
 
 

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,12 +72,17 @@ def staging_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}{STAGING_SUFFIX}")
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """`path.write_text(text)` that a crash cannot leave half-written: a sibling temporary file, then a rename."""
+def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
+    """`write(path)` that a crash cannot leave half-written: `write` fills a sibling temporary file, then a rename."""
     staging = staging_sibling(path)
-    staging.write_text(text)
+    write(staging)
     os.replace(staging, path)
     return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """`path.write_text(text)`, atomically (`write_atomic`)."""
+    return write_atomic(path, lambda staging: staging.write_text(text))
 
 
 def refuse_non_empty(out_dir: str | Path) -> Path:

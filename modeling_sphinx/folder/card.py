@@ -15,7 +15,7 @@ from ..configuration_sphinx import FUSED_ENCODERS, SPHINX_VARIANTS, SphinxConfig
 from .atomic import published_name
 from .shards import DECODER_SHAPE_FIELDS
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_card.md"
+TEMPLATE = Path(__file__).with_name("model_card.md")  # a link to the repository's model_card.md
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # timm's feature width of each released encoder architecture at its default size (what `num_features` reports)
 RELEASED_FEATURE_WIDTHS = {

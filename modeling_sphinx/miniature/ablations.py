@@ -23,7 +23,7 @@ and one PNG per ablation. Stages already trained, the main job's included, are r
 import json
 from pathlib import Path
 
-from ..folder.atomic import write_text_atomic
+from ..folder.atomic import write_atomic, write_text_atomic
 from .demo import (
     EVERY_TASK,
     FULL,
@@ -271,7 +271,4 @@ def plot_ablation(arms: dict[str, dict], title: str, path: Path) -> Path:
         task, _, domain = cell.partition(" ")
         for row, word in enumerate((task, domain)):
             draw.text((x0 + group / 2, top + plot_height + 8 + 14 * row), word, fill="black", font=small, anchor="ma")
-    staging = path.with_name(f".{path.name}.partial")
-    image.save(staging, format="PNG")
-    staging.replace(path)
-    return path
+    return write_atomic(path, lambda staging: image.save(staging, format="PNG"))

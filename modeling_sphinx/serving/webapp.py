@@ -26,7 +26,7 @@ import PIL.Image  # noqa: E402
 
 from ..inference import Chat, read_answer, sampling_settings  # noqa: E402
 from ..processing.tasks_sphinx import TASK_INSTRUCTIONS, format_box  # noqa: E402
-from ..records import open_image  # noqa: E402
+from ..records import DataError, image_size, open_image  # noqa: E402
 
 MAX_UPLOAD_BYTES = 25 * 1024**2
 MAX_UPLOAD_PIXELS = 50_000_000
@@ -64,9 +64,8 @@ def read_upload(upload) -> PIL.Image.Image:
     if size > MAX_UPLOAD_BYTES:
         raise gr.Error(f"{name!r} is {size / 1024**2:.1f} MiB; the limit is {MAX_UPLOAD_BYTES / 1024**2:.0f} MiB.")
     try:
-        with PIL.Image.open(path) as probe:
-            width, height = probe.size
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError):
+        height, width = image_size(path)
+    except DataError:
         raise gr.Error(f"{name!r} is not an image that can be read (PNG, JPEG, WebP, ...).") from None
     if width * height > MAX_UPLOAD_PIXELS:
         raise gr.Error(f"{name!r} is {width}x{height} pixels; the limit is {MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels.")
