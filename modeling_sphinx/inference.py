@@ -52,23 +52,28 @@ def _explained_load_errors(name: str):
         raise ValueError(f"{name!r} is not a complete model folder: {reason}") from None
 
 
-def load_processor(name: str, trust_remote_code: bool = False):
+def load_processor(name: str, trust_remote_code: bool = False, revision: str | None = None):
     with _explained_load_errors(name):
-        return AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+        return AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
 
 
-def four_bit_config(compute_dtype: torch.dtype = torch.bfloat16):
-    """`BitsAndBytesConfig` for the LLM alone (NF4, double quantisation), computing (and storing, for FSDP) in
-    `compute_dtype`; the towers, projectors and `lm_head` stay in 16-bit. QLoRA training and `chat --load-in-4bit`
-    share it."""
+def four_bit_config(
+    compute_dtype: torch.dtype = torch.bfloat16,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    storage_dtype: torch.dtype | None = None,
+):
+    """`BitsAndBytesConfig` for the LLM alone (NF4 with double quantisation unless told), computing and storing
+    (for FSDP) in `compute_dtype`; the towers, projectors and `lm_head` stay in 16-bit. QLoRA training and
+    `chat --load-in-4bit` share it."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
+        bnb_4bit_quant_type=quant_type,
         bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_quant_storage=compute_dtype,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_quant_storage=storage_dtype or compute_dtype,
         llm_int8_skip_modules=QUANTIZATION_SKIP,
     )
 
@@ -80,10 +85,13 @@ def load_model(
     load_in_4bit: bool = False,
     trust_remote_code: bool = False,
     use_kernels: bool = False,
+    quantization_config=None,
+    **from_pretrained,
 ):
     """The model in eval mode. `dtype`: "auto" (the folder's), a name of `STORAGE_DTYPES` or a torch dtype;
-    `load_in_4bit`: the LLM in NF4 with `dtype` as compute dtype (float32 for "auto"), towers in 16-bit;
-    `use_kernels`: let transformers swap layers for Hub kernels, downloaded at first use (`hub_kernels`)."""
+    `load_in_4bit`: the LLM in NF4 with `dtype` as compute dtype (float32 for "auto"), towers in 16-bit, or in
+    `quantization_config` when given; `use_kernels`: let transformers swap layers for Hub kernels, downloaded at
+    first use (`hub_kernels`); other keywords (`revision`, `attn_implementation`) go to `from_pretrained`."""
     if isinstance(dtype, str) and dtype != "auto":
         dtype = dtype_named(dtype, STORAGE_DTYPES)
     kwargs = {
@@ -91,10 +99,11 @@ def load_model(
         "device_map": device_map,
         "trust_remote_code": trust_remote_code,
         "use_kernels": use_kernels,
+        **from_pretrained,
     }
     if load_in_4bit:
         compute = torch.float32 if dtype == "auto" else dtype
-        kwargs.update(dtype=compute, quantization_config=four_bit_config(compute))
+        kwargs.update(dtype=compute, quantization_config=quantization_config or four_bit_config(compute))
     with _explained_load_errors(name):
         return AutoModelForImageTextToText.from_pretrained(name, **kwargs).eval()
 

@@ -55,7 +55,6 @@ Semantics per tensor, computed in `dtype` (τ_i = θ_i − θ_base are task vect
   t = k·cos θ / (1 + (k−1)·cos θ) and θ = t·mean(θ_i) + (1 − t)·θ_base (needs two or more models).
 """
 
-import difflib
 import json
 import math
 import os
@@ -68,10 +67,12 @@ from pathlib import Path
 
 import torch
 import yaml
+from huggingface_hub.dataclasses import strict
 
 from .folder.atomic import atomic_output_dir
 from .folder.dtypes import DTYPES
 from .folder.shards import DECODER_SHAPE_FIELDS, LazyCheckpoint, StreamingShardWriter, parse_size
+from .schema import read, ruled, suggest
 
 
 class RecipeError(ValueError):
@@ -163,17 +164,53 @@ METHODS: dict[str, Method] = {
     ),
     "model_stock": Method(Combine.MODEL_STOCK, {}, min_models=2),
 }
-RECIPE_KEYS = {
-    "merge_method",
-    "base_model",
-    "models",
-    "parameters",
-    "dtype",
-    "out_dtype",
-    "random_seed",
-    "mixed_tensors",
-}
 DEFAULT_MIXED = [r"^model\.language_model\.", r"^lm_head\."]
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _dtype_rule(key: str):
+    return ruled(
+        f"{key} must be one of {sorted(DTYPES)}, got {{value!r}}", lambda v: v is None or v in DTYPES, default=None
+    )
+
+
+@strict
+@dataclass
+class ModelEntry:
+    """One entry of a recipe's `models`: a model folder and its own parameters."""
+
+    model: str = ruled("each models entry needs a 'model' path, got {value!r}", _is_path)
+    parameters: dict | None = ruled("parameters of a model must be a mapping, got {value!r}", default=None)
+
+
+@strict
+@dataclass
+class RecipeFile:
+    """A mixing recipe as written: mergekit's keys and SPHINX's `mixed_tensors` (the tensors mixed; the others
+    come from the base model)."""
+
+    merge_method: str = ruled(
+        lambda v: f"unknown merge_method {v!r}{suggest(str(v), METHODS)}; known: {sorted(METHODS)}",
+        METHODS.__contains__,
+    )
+    models: list | None = ruled(
+        "models is a list of {{model: PATH, parameters: {{...}}}} entries, got {value!r}", default=None
+    )
+    base_model: str | None = ruled("base_model is a model path, got {value!r}", default=None)
+    parameters: dict | None = ruled(
+        "parameters of the global parameters must be a mapping, got {value!r}", default=None
+    )
+    dtype: str | None = _dtype_rule("dtype")
+    out_dtype: str | None = _dtype_rule("out_dtype")
+    mixed_tensors: list[str] = ruled(
+        "mixed_tensors is a list of regular expressions, got {value!r}", default_factory=lambda: list(DEFAULT_MIXED)
+    )
+    random_seed: int = ruled("random_seed is an integer, got {value!r}", lambda v: not isinstance(v, bool), default=0)
+
+
 # config fields that must agree for checkpoints to be mixed
 ARCHITECTURE_FIELDS = (
     "model_type",
@@ -189,11 +226,6 @@ ARCHITECTURE_FIELDS = (
 )
 TEXT_FIELDS = (*DECODER_SHAPE_FIELDS, "vocab_size")
 WEIGHT_FILES = re.compile(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
-
-
-def _suggest(name: str, known) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 @dataclass
@@ -223,53 +255,32 @@ class Recipe:
                 raise RecipeError(f"{path}: not valid YAML: {error}") from error
         if not isinstance(recipe, dict):
             raise RecipeError("a recipe is a mapping with merge_method, models and parameters")
-        for key in recipe:
-            if key not in RECIPE_KEYS:
-                raise RecipeError(f"unknown recipe key {key!r}{_suggest(key, RECIPE_KEYS)}")
-        method = recipe.get("merge_method")
-        if not isinstance(method, str) or method not in METHODS:
-            raise RecipeError(
-                f"unknown merge_method {method!r}{_suggest(str(method), METHODS)}; known: {sorted(METHODS)}"
-            )
-        spec = METHODS[method]
+        written = read(RecipeFile, recipe, RecipeError, unknown="unknown recipe key {value!r}")
+        method, spec = written.merge_method, METHODS[written.merge_method]
 
         def resolve(p):
             p = Path(p)
             return p if p.is_absolute() else (root / p)
 
-        models, entries = [], recipe.get("models") or []
-        if not isinstance(entries, list):
-            raise RecipeError(f"models is a list of {{model: PATH, parameters: {{...}}}} entries, got {entries!r}")
-        for entry in entries:
-            if not isinstance(entry, dict) or not isinstance(entry.get("model"), str) or not entry["model"]:
+        models = []
+        for entry in written.models or []:
+            if not isinstance(entry, dict):
                 raise RecipeError(f"each models entry needs a 'model' path, got {entry!r}")
-            extra = set(entry) - {"model", "parameters"}
-            if extra:
-                raise RecipeError(f"unknown key {sorted(extra)[0]!r} in the entry of model {entry['model']}")
-            params = entry.get("parameters") or {}
-            _check_parameter_names(params, spec, method, f"model {entry['model']}")
-            models.append((resolve(entry["model"]), params))
-        parameters = recipe.get("parameters") or {}
+            unknown = f"unknown key {{value!r}} in the entry of model {entry.get('model')}"
+            model = read(ModelEntry, entry, RecipeError, unknown=unknown)
+            params = model.parameters or {}
+            _check_parameter_names(params, spec, method, f"model {model.model}")
+            models.append((resolve(model.model), params))
+        parameters = written.parameters or {}
         _check_parameter_names(parameters, spec, method, "the global parameters")
-        if recipe.get("base_model") is not None and not isinstance(recipe["base_model"], str):
-            raise RecipeError(f"base_model is a model path, got {recipe['base_model']!r}")
-        base = resolve(recipe["base_model"]) if recipe.get("base_model") else None
+        base = resolve(written.base_model) if written.base_model else None
         if spec.needs_base and base is None:
             raise RecipeError(f"merge_method {method} needs a base_model")
         if not models:
             raise RecipeError("the recipe lists no models")
-        for key in ("dtype", "out_dtype"):
-            value = recipe.get(key)
-            if value is not None and (not isinstance(value, str) or value not in DTYPES):
-                raise RecipeError(f"{key} must be one of {sorted(DTYPES)}, got {value!r}")
-        if recipe.get("dtype") in ("bfloat16", "float16"):
+        if written.dtype in ("bfloat16", "float16"):
             raise RecipeError("dtype is the computation dtype: use float32 or float64 (out_dtype sets the output)")
-        mixed = recipe.get("mixed_tensors", DEFAULT_MIXED)
-        if not isinstance(mixed, list) or not all(isinstance(pattern, str) for pattern in mixed):
-            raise RecipeError(f"mixed_tensors is a list of regular expressions, got {mixed!r}")
-        seed = recipe.get("random_seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise RecipeError(f"random_seed is an integer, got {seed!r}")
+        mixed, seed = written.mixed_tensors, written.random_seed
         for pattern in mixed:
             try:
                 re.compile(pattern)
@@ -280,8 +291,8 @@ class Recipe:
             models=models,
             base_model=base,
             parameters=parameters,
-            dtype=recipe.get("dtype") or "float32",
-            out_dtype=recipe.get("out_dtype"),
+            dtype=written.dtype or "float32",
+            out_dtype=written.out_dtype,
             random_seed=seed,
             mixed_tensors=list(mixed),
             source=recipe,
@@ -296,7 +307,7 @@ def _check_parameter_names(params: dict, spec: Method, method: str, where: str):
         if name not in accepted:
             known = sorted(accepted) or ["(none)"]
             raise RecipeError(
-                f"unknown parameter {name!r} for {method} in {where}{_suggest(name, accepted)}; known: {known}"
+                f"unknown parameter {name!r} for {method} in {where}{suggest(name, accepted)}; known: {known}"
             )
 
 

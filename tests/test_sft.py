@@ -551,3 +551,29 @@ def test_whole_projectors_as_peft_modules_to_save(tiny_sphinx, world):
     loss.backward()
     trained = {n for n, p in peft_model.named_parameters() if p.grad is not None}
     assert any("visual_proj.modules_to_save" in n for n in trained) and any("lora_" in n for n in trained)
+
+
+def test_the_tuning_arguments_are_trl_model_config_with_sphinx_defaults(tiny_sphinx):
+    from trl import ModelConfig
+
+    from modeling_sphinx.training import LLM_LINEAR_LAYERS, SphinxTuningArguments, lora_config
+
+    assert issubclass(SphinxTuningArguments, ModelConfig)
+    plain = SphinxTuningArguments(model_name_or_path=str(tiny_sphinx), mixture="m.yaml")
+    assert (plain.tuning, plain.use_peft, plain.dtype, plain.use_bnb_nested_quant) == ("full", False, "bfloat16", True)
+    trl_spelling = SphinxTuningArguments(model_name_or_path="m", mixture="m.yaml", use_peft=True, load_in_4bit=True)
+    assert trl_spelling.tuning == "qlora"
+    sphinx_spelling = SphinxTuningArguments(model_name_or_path="m", mixture="m.yaml", tuning="lora")
+    assert sphinx_spelling.use_peft and not sphinx_spelling.load_in_4bit
+    with pytest.raises(ValueError, match="tuning: full contradicts use_peft: True"):
+        SphinxTuningArguments(model_name_or_path="m", mixture="m.yaml", tuning="full", use_peft=True)
+    with pytest.raises(ValueError, match="mixture is required"):
+        SphinxTuningArguments(model_name_or_path="m")
+    with pytest.raises(ValueError, match="8-bit loading is not a tuning mode"):
+        SphinxTuningArguments(model_name_or_path="m", mixture="m.yaml", load_in_8bit=True)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_sphinx)
+    args = SphinxTuningArguments(model_name_or_path="m", mixture="m.yaml", tuning="lora", use_rslora=True, lora_r=4)
+    config = lora_config(args, model)
+    assert config.use_rslora and config.r == 4 and config.target_modules == LLM_LINEAR_LAYERS
+    assert set(config.modules_to_save) == {"visual_proj.0", "visual_proj.1", "qformer_proj.0", "qformer_proj.1"}
+    assert lora_config(plain, model) is None

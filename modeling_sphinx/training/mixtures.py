@@ -28,10 +28,11 @@ Bad data raises a `DataError` naming the file and the record.
 import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
+from huggingface_hub.dataclasses import strict
 
 from ..processing.tasks_sphinx import (
     check_prompt_template,
@@ -42,6 +43,7 @@ from ..processing.tasks_sphinx import (
     task_prompt,
 )
 from ..records import DataError, image_file, pixel_box, read_rows, record_box
+from ..schema import read, ruled
 
 
 @dataclass
@@ -291,8 +293,46 @@ def build_samples(source: Source) -> Iterator[dict]:
     return TASK_BUILDERS[source.task](source)
 
 
+def _non_empty_string(value) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _positive_number(value) -> bool:
+    return not isinstance(value, bool) and 0 < value < math.inf
+
+
+@strict
+@dataclass
+class SourceEntry:
+    """One entry of a mixture YAML's `sources`, as written (paths relative to the YAML)."""
+
+    task: str = ruled(
+        lambda value: f"unknown task {value!r}; known: {', '.join(TASK_BUILDERS)}", TASK_BUILDERS.__contains__
+    )
+    path: str = ruled("path must be a non-empty string, got {value!r}", _non_empty_string)
+    image_root: str | None = ruled(
+        "image_root must be a non-empty string, got {value!r}", lambda v: v is None or bool(v), default=None
+    )
+    weight: int | float = ruled("weight must be a positive number, got {value!r}", _positive_number, default=1.0)
+    name: str | None = ruled(
+        "name must be a non-empty string, got {value!r}", lambda v: v is None or bool(v), default=None
+    )
+    options: dict | None = ruled("options must be a mapping, got {value!r}", default=None)
+
+
+@strict
+@dataclass
+class MixtureFile:
+    """A task-mixture YAML: its `sources` and the `seed` of their interleaving."""
+
+    sources: list = ruled(
+        "the mixture has no sources (a 'sources:' list of {{task, path, image_root, weight}}), got {value!r}", bool
+    )
+    seed: int = ruled("the mixture's seed is an integer, got {value!r}", lambda v: not isinstance(v, bool), default=0)
+
+
 def read_mixture(mixture: str | Path | dict) -> tuple[list[Source], int]:
-    """The sources of a mixture YAML (paths relative to it) and its `seed`.
+    """The sources of a mixture YAML (paths relative to it) and its `seed` (`MixtureFile`, `SourceEntry`).
 
     ```yaml
     seed: 0
@@ -317,50 +357,35 @@ def read_mixture(mixture: str | Path | dict) -> tuple[list[Source], int]:
             raise DataError(f"{path}: not a readable YAML mixture: {error}") from None
     if not isinstance(mixture, dict):
         raise DataError(f"a mixture is a mapping with 'sources' (and 'seed'), got {mixture!r}")
-    entries = mixture.get("sources")
-    if not entries or not isinstance(entries, list):
-        raise DataError(
-            f"the mixture has no sources (a 'sources:' list of {{task, path, image_root, weight}}), got {entries!r}"
-        )
-    seed = mixture.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise DataError(f"the mixture's seed is an integer, got {seed!r}")
-    return [_source(entry, base) for entry in entries], seed
+    read_file = read(MixtureFile, {"sources": None, **mixture}, DataError, unknown="unknown mixture key {value!r}")
+    return [_source(entry, base) for entry in read_file.sources], read_file.seed
 
 
 def _source(entry, base: Path) -> Source:
     """One checked mixture entry, its paths relative to `base`."""
     if not isinstance(entry, dict):
         raise DataError(f"mixture source {entry!r}: a source is a mapping of task, path, image_root, weight")
-    unknown = set(entry) - {"task", "path", "image_root", "weight", "name", "options"}
-    if unknown:
-        raise DataError(f"mixture source {entry}: unknown keys {sorted(map(str, unknown))}")
-    task = entry.get("task")
-    if not isinstance(task, str) or task not in TASK_BUILDERS:
-        raise DataError(f"mixture source {entry}: unknown task {task!r}; known: {', '.join(TASK_BUILDERS)}")
-    for key in ("path", "image_root", "name"):
-        if (key == "path" or entry.get(key) is not None) and not (isinstance(entry.get(key), str) and entry[key]):
-            raise DataError(f"mixture source {entry}: {key} must be a non-empty string, got {entry.get(key)!r}")
-    weight = entry.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 or weight == float("inf"):
-        raise DataError(f"mixture source {entry}: weight must be a positive number, got {weight!r}")
-    options = entry.get("options") or {}
-    if not isinstance(options, dict):
-        raise DataError(f"mixture source {entry}: options must be a mapping, got {options!r}")
+    read_entry = read(SourceEntry, entry, DataError, where=f"mixture source {entry}: ", unknown=_unknown_keys(entry))
+    options = read_entry.options or {}
     if "prompt_template" in options:
         try:
             check_prompt_template(options["prompt_template"])
         except ValueError as error:
             raise DataError(f"mixture source {entry}: {error}") from None
-    root = entry.get("image_root")
     return Source(
-        path=base / entry["path"],
-        task=task,
-        image_root=base / root if root is not None else None,
-        weight=float(weight),
-        name=entry.get("name"),
+        path=base / read_entry.path,
+        task=read_entry.task,
+        image_root=base / read_entry.image_root if read_entry.image_root is not None else None,
+        weight=float(read_entry.weight),
+        name=read_entry.name,
         options=options,
     )
+
+
+def _unknown_keys(entry: dict):
+    """The error of a source with keys `SourceEntry` does not know: all of them, sorted."""
+    known = {f.name for f in fields(SourceEntry)}
+    return lambda _: f"unknown keys {sorted(map(str, set(entry) - known))}"
 
 
 def _generate(sources: list[dict]):

@@ -29,14 +29,14 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-from trl import SFTConfig, SFTTrainer, TrlParser
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from ..folder.atomic import STAGING_SUFFIX, human_size, is_full_disk, staging_sibling
 from ..folder.card import hub_reference
 from ..folder.create import save_model_folder
 from ..folder.dtypes import dtype_named
-from ..inference import load_model, load_processor
+from ..inference import four_bit_config, load_model, load_processor
 from ..records import open_image
 from .mixtures import load_mixture
 
@@ -60,18 +60,26 @@ BOUNDARY_FILE = "image_boundaries.safetensors"
 
 
 @dataclass
-class SphinxTuningArguments:
-    """What to tune and on which data; the rest of a run is TRL's `SFTConfig`."""
+class SphinxTuningArguments(ModelConfig):
+    """What to tune and on which data; the rest of a run is TRL's `SFTConfig`.
 
-    model_name_or_path: str = field(metadata={"help": "SPHINX model folder or Hub id"})
-    mixture: str = field(metadata={"help": "task mixture YAML (modeling_sphinx.training.mixtures.read_mixture)"})
+    TRL's `ModelConfig` says the model, its dtype, revision and attention, the LoRA settings and the 4-bit ones,
+    with SPHINX's defaults where they differ (`dtype` bfloat16, nested quantisation on, LoRA on the LLM's linear
+    layers). `tuning` (full, lora or qlora) is the short way to say TRL's `use_peft` and `load_in_4bit`; either
+    spelling works. The fields below are SPHINX's own.
+    """
+
+    dtype: str | None = field(
+        default="bfloat16", metadata={"help": "dtype of the weights: bfloat16, float16, float32"}
+    )
+    use_bnb_nested_quant: bool = field(default=True, metadata={"help": "QLoRA: quantize the quantization constants"})
+    mixture: str | None = field(
+        default=None, metadata={"help": "task mixture YAML (modeling_sphinx.training.mixtures.read_mixture)"}
+    )
     eval_mixture: str | None = field(default=None, metadata={"help": "held-out task mixture YAML"})
-    tuning: str = field(default="full", metadata={"help": "full, lora or qlora"})
-    dtype: str = field(default="bfloat16", metadata={"help": "dtype of the weights: bfloat16, float16, float32"})
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: str = field(default=LLM_LINEAR_LAYERS, metadata={"help": "regex of the LoRA layers"})
+    tuning: str | None = field(
+        default=None, metadata={"help": "full, lora or qlora (default: from use_peft, load_in_4bit)"}
+    )
     train_projectors: bool = field(default=True, metadata={"help": "train the projectors and start/end embeddings"})
     streaming: bool = field(default=False, metadata={"help": "stream the mixture (needs max_steps)"})
     image_cache_size: int = field(
@@ -88,8 +96,22 @@ class SphinxTuningArguments:
     )
 
     def __post_init__(self):
+        super().__post_init__()
+        for name in ("model_name_or_path", "mixture"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is required (in the recipe or as --{name.replace('_', '-')})")
+        implied = "qlora" if self.load_in_4bit else "lora" if self.use_peft else "full"
+        if self.tuning is None:
+            self.tuning = implied
         if self.tuning not in ("full", "lora", "qlora"):
             raise ValueError(f"tuning must be full, lora or qlora, got {self.tuning!r}")
+        if (self.use_peft or self.load_in_4bit) and implied != self.tuning:
+            raise ValueError(
+                f"tuning: {self.tuning} contradicts use_peft: {self.use_peft}, load_in_4bit: {self.load_in_4bit}"
+            )
+        self.use_peft, self.load_in_4bit = self.tuning != "full", self.tuning == "qlora"
+        if self.load_in_8bit:
+            raise ValueError("8-bit loading is not a tuning mode here: use tuning: qlora (the LLM in 4-bit)")
         dtype_named(self.dtype)
         if self.tuning == "qlora" and self.dtype != "bfloat16":
             # TRL casts the trainable parameters of a quantized model to bfloat16; the rest must match them
@@ -167,12 +189,23 @@ class ImageBoundaryCheckpoints(TrainerCallback):
 
 
 def load_model_to_tune(args: SphinxTuningArguments):
-    """The model to tune, in `args.dtype`; for QLoRA with its LLM in 4-bit NF4."""
+    """The model to tune, in `args.dtype`; for QLoRA with its LLM in 4-bit (`args`' bnb settings)."""
+    quantization = None
+    if args.tuning == "qlora":
+        quantization = four_bit_config(
+            dtype_named(args.dtype),
+            quant_type=args.bnb_4bit_quant_type,
+            double_quant=args.use_bnb_nested_quant,
+            storage_dtype=dtype_named(args.bnb_4bit_quant_storage) if args.bnb_4bit_quant_storage else None,
+        )
     return load_model(
         args.model_name_or_path,
         dtype=args.dtype,
-        load_in_4bit=args.tuning == "qlora",
+        load_in_4bit=quantization is not None,
+        quantization_config=quantization,
         use_kernels=args.use_kernels,
+        revision=args.model_revision,
+        attn_implementation=args.attn_implementation,
     )
 
 
@@ -195,7 +228,9 @@ class StageProgress(ProgressCallback):
         return None
 
 
-def _peft_config(args: SphinxTuningArguments, model):
+def lora_config(args: SphinxTuningArguments, model):
+    """PEFT's `LoraConfig` for `model` from `args` (`None` for full tuning): the LLM's linear layers unless
+    `lora_target_modules` says otherwise, and the projectors saved whole when `train_projectors`."""
     if args.tuning == "full":
         return None
     from peft import LoraConfig
@@ -206,9 +241,13 @@ def _peft_config(args: SphinxTuningArguments, model):
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=args.lora_target_modules,
-        modules_to_save=projectors or None,
-        task_type="CAUSAL_LM",
+        # the LLM's linear layers by default: "all-linear" would reach the towers too
+        target_modules=args.lora_target_modules or LLM_LINEAR_LAYERS,
+        target_parameters=args.lora_target_parameters,
+        modules_to_save=[*projectors, *(args.lora_modules_to_save or [])] or None,
+        task_type=args.lora_task_type,
+        use_rslora=args.use_rslora,
+        use_dora=args.use_dora,
     )
 
 
@@ -280,7 +319,9 @@ def train(
     16-bit copy loaded from `args.model_name_or_path`, so that must name the same weights.
     `callbacks`: more `TrainerCallback`s for the trainer (e.g. to time steps)."""
     logging.getLogger("trl.trainer.sft_trainer").addFilter(SEPARATOR_ENDS_THE_TURN)
-    processor = processor if processor is not None else load_processor(args.model_name_or_path)
+    processor = (
+        processor if processor is not None else load_processor(args.model_name_or_path, revision=args.model_revision)
+    )
     check_max_length(training_args, processor)
     if args.streaming and training_args.max_steps <= 0:
         raise ValueError("a streamed mixture has no length: set max_steps")
@@ -288,7 +329,7 @@ def train(
     eval_dataset = load_mixture(args.eval_mixture) if args.eval_mixture else None
     training_args.remove_unused_columns = False
     model = model if model is not None else load_model_to_tune(args)
-    peft_config = _peft_config(args, model)
+    peft_config = lora_config(args, model)
     collator = SphinxDataCollator(
         processor=processor,
         max_length=training_args.max_length,
