@@ -79,7 +79,7 @@ class Scale:
     train_images: int
 
 
-FULL = Scale(
+FULL_SIZE = Scale(
     tiny=False,
     dtype="bfloat16",
     copy_mib=4096,
@@ -89,7 +89,7 @@ FULL = Scale(
     train_steps=12,
     train_images=64,
 )
-TINY = Scale(
+TINY_SIZE = Scale(
     tiny=True, dtype="float32", copy_mib=64, matmul=256, decode_tokens=4, repeats=1, train_steps=2, train_images=8
 )
 
@@ -158,7 +158,7 @@ class Context:
     def data(self) -> Path:
         """A VQA + grounding mixture over the demo's generated images."""
         if self._data is None:
-            from modeling_sphinx.miniature.demo import mixture_file, write_split
+            from modeling_sphinx.miniature.recipe import mixture_file, write_split
 
             split = write_split(self.scratch / "world", "real", 0, self.scale.train_images)
             weights = {"vqa": 1, "referring_expression": 1}
@@ -695,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("skipped: no CUDA GPU (the CPU dry run is --device cpu --tiny)")
         return 0
-    report = run(args.device, TINY if args.tiny else FULL, Path(args.out), sections, Path(args.parity))
+    report = run(args.device, TINY_SIZE if args.tiny else FULL_SIZE, Path(args.out), sections, Path(args.parity))
     print(markdown(report))
     failed = [name for name, section in report["sections"].items() if section["status"] != "ok"]
     print(

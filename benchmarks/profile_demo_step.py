@@ -25,8 +25,8 @@ import torch
 from transformers.processing_utils import ProcessorMixin
 
 from modeling_sphinx.inference import load_pretrained
-from modeling_sphinx.miniature.demo import TASK_WEIGHTS, mixture_file, write_split
 from modeling_sphinx.miniature.pretrain import init_miniature
+from modeling_sphinx.miniature.recipe import TASK_WEIGHTS, mixture_file, write_split
 from modeling_sphinx.miniature.world import DOMAINS
 from modeling_sphinx.training.mixtures import load_mixture
 from modeling_sphinx.training.sft import SphinxDataCollator

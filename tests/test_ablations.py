@@ -16,17 +16,17 @@ from PIL import Image
 from modeling_sphinx import SphinxConfig
 from modeling_sphinx.cli import main
 from modeling_sphinx.miniature.ablations import (
-    ALL_ENCODERS,
     ALL_TASKS,
     ALONE,
-    ENCODER_NAMES,
+    ENCODER_ARMS,
     GENERIC,
     GENERIC_INSTRUCTION,
+    THREE_ENCODERS,
     TRAINED_TASK,
     format_ablations,
     single_task_steps,
 )
-from modeling_sphinx.miniature.demo import QUICK, TASK_WEIGHTS
+from modeling_sphinx.miniature.recipe import QUICK_BUDGET, TASK_WEIGHTS
 
 pytestmark = pytest.mark.slow
 
@@ -53,16 +53,16 @@ def ablated(quick_demo, tmp_path_factory):
 
 
 def test_single_task_models_get_their_share_of_the_mixed_steps():
-    steps = single_task_steps(QUICK)
+    steps = single_task_steps(QUICK_BUDGET)
     assert steps == {"vqa": 4, "referring_expression": 8, "region_caption": 2, "detection": 2}
-    assert sum(steps.values()) == QUICK.task_steps and set(steps) == set(TASK_WEIGHTS)
+    assert sum(steps.values()) == QUICK_BUDGET.task_steps and set(steps) == set(TASK_WEIGHTS)
 
 
 def test_every_arm_is_scored_on_every_task_and_domain(ablated):
     out, results, _, _, weights = ablated
     assert {p: p.stat().st_mtime_ns for p in weights} == weights  # the main job's stages were reused
     arms = {"task mix": [ALL_TASKS, ALONE, GENERIC],
-            "visual-embedding mix": [ALL_ENCODERS] + [f"{n} alone" for n in ENCODER_NAMES.values()]}  # fmt: skip
+            "visual-embedding mix": [THREE_ENCODERS] + [f"{n} alone" for n in ENCODER_ARMS.values()]}  # fmt: skip
     held_out = out / "data" / "real-40000000"
     counts = {"VQA": 12, "grounding": 8, "region-caption": 8}
     counts["detection"] = len((held_out / "detection.jsonl").read_text().splitlines())
@@ -73,7 +73,7 @@ def test_every_arm_is_scored_on_every_task_and_domain(ablated):
             assert all(c["low"] <= c["score"] <= c["high"] for c in summary.values())
             assert summary["detection real"]["questions"] == counts["detection"]
             assert [summary[f"{t} real"]["questions"] for t in ("VQA", "grounding", "region-caption")] == [12, 8, 8]
-    assert results["visual-embedding mix"]["arms"][ALL_ENCODERS] == results["task mix"]["arms"][ALL_TASKS]
+    assert results["visual-embedding mix"]["arms"][THREE_ENCODERS] == results["task mix"]["arms"][ALL_TASKS]
     assert results["visual-embedding mix"]["best single encoder"] in arms["visual-embedding mix"][1:]
 
 
@@ -81,7 +81,7 @@ def test_every_arm_gets_the_same_budget(ablated):
     out, results, _, _, _ = ablated
     budgets = results["task mix"]["budgets"]
     mixed, generic, alone = budgets[ALL_TASKS], budgets[GENERIC], budgets[ALONE]
-    assert mixed == generic and mixed["steps"] == QUICK.task_steps
+    assert mixed == generic and mixed["steps"] == QUICK_BUDGET.task_steps
     for name, task in TRAINED_TASK.items():  # as many samples of its task as the mixed model, same settings
         assert alone[name]["samples"] == {task: mixed["samples"][task]}
         assert (alone[name]["batch_size"], alone[name]["learning_rate"]) == (
@@ -90,12 +90,12 @@ def test_every_arm_gets_the_same_budget(ablated):
         )
     recipes = results["visual-embedding mix"]["budgets"]
     assert len({json.dumps(recipe, sort_keys=True) for recipe in recipes.values()}) == 1
-    assert recipes[ALL_ENCODERS]["stage 2"] == mixed
-    for encoder in ENCODER_NAMES:  # each single-encoder recipe reads through that encoder only
+    assert recipes[THREE_ENCODERS]["stage 2"] == mixed
+    for encoder in ENCODER_ARMS:  # each single-encoder recipe reads through that encoder only
         config = SphinxConfig.from_pretrained(
             out / "ablations" / f"encoder-{encoder}" / "stage2-mix-beta=0.5" / "model"
         )
-        present = [name for name in ENCODER_NAMES if getattr(config, f"{name}_config") is not None]
+        present = [name for name in ENCODER_ARMS if getattr(config, f"{name}_config") is not None]
         assert present == [encoder] and config.num_image_tokens == 95
 
 
@@ -135,7 +135,7 @@ def test_each_verdict_follows_its_numbers(ablated):
     pairs = list(found["task mix"]["comparisons"])
     found["task mix"]["comparisons"] = {pairs[0]: better, pairs[1]: worse}
     best = found["visual-embedding mix"]["best single encoder"]
-    found["visual-embedding mix"]["comparisons"] = {f"{ALL_ENCODERS} - {best}": better}
+    found["visual-embedding mix"]["comparisons"] = {f"{THREE_ENCODERS} - {best}": better}
     lines = [line for line in format_ablations(found).splitlines() if ", average of the cells, " in line]
     assert lines[0].endswith("+0.040 (95 % interval +0.010 to +0.070): better: the paper's direction "
                              "(multi-task >= single-task) holds")  # fmt: skip

@@ -17,7 +17,7 @@ from modeling_sphinx.cli import main
 from modeling_sphinx.inference import load_pretrained
 from modeling_sphinx.miniature.pretrain import (
     ENCODERS,
-    FULL,
+    FULL_PRETRAINING,
     PART_PREFIXES,
     SHIPPED,
     Measurement,
@@ -75,7 +75,7 @@ def test_parts_of_another_model_are_refused(tmp_path, miniature):
 def test_the_shipped_parts_load_and_reproduce_their_recorded_metrics(miniature):
     manifest = json.loads((SHIPPED / "manifest.json").read_text())
     assert sum(p.stat().st_size for p in SHIPPED.iterdir()) <= 10 * 1024**2
-    assert manifest["budget"] == asdict(FULL) and "--quick" not in manifest["command"]
+    assert manifest["budget"] == asdict(FULL_PRETRAINING) and "--quick" not in manifest["command"]
     assert manifest["miniature"] == json.loads(json.dumps(MINIATURE))  # made for the geometry the demo builds
     processor, model = miniature
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -2,7 +2,8 @@
 
 - `world`: the generated scenes, in a real-like and a synthetic domain, and their captions;
 - `pretrain`: the pretrained parts the demo starts from (shipped in `pretrained/`), and how they are remade;
-- `demo`: the main job, stage by stage;
+- `recipe`: the stages both programs run (budget, data, stage 1, the weight mix, stage 2, scoring, report words);
+- `demo`: the main job;
 - `ablations`: the paper's task-mix and visual-embedding-mix comparisons on the same budget.
 
 Uses the package's public tools like any user program; no tool imports the miniature.

@@ -64,10 +64,10 @@ class PretrainBudget:
     learning_rate: float = 2e-3
 
 
-FULL = PretrainBudget(
+FULL_PRETRAINING = PretrainBudget(
     scenes_per_domain=1500, probe_scenes_per_domain=300, contrastive_steps=1200, masked_steps=1200, language_steps=1500
 )
-QUICK = PretrainBudget(
+QUICK_PRETRAINING = PretrainBudget(
     scenes_per_domain=24,
     probe_scenes_per_domain=24,
     contrastive_steps=3,
@@ -408,7 +408,7 @@ def pretrain(out: str | Path, quick: bool = False, seed: int = 0, progress=None)
     from ..folder.tokenizer import train_tiny_sentencepiece
     from ..inference import load_pretrained
 
-    budget = QUICK if quick else FULL
+    budget = QUICK_PRETRAINING if quick else FULL_PRETRAINING
     progress = progress or logger.info
     started = time.perf_counter()
     out = refuse_non_empty(out)
