@@ -1,24 +1,10 @@
 """`sphinx-mllm eval`: one benchmark task over local data, with the original instruction and metric.
 
-`evaluate(model, task, data, out_dir)` reads a JSONL / JSON / Parquet file or a `datasets` folder
-(`save_to_disk`), asks every row's question with the task's SPHINX instruction (batched greedy generation,
-left padding), appends one line per sample to `predictions.jsonl` (`id`, `prompt`, `answer` (raw), `parsed`,
-`target`, `score`; flushed per batch, so a crash keeps what was written and `resume=True` continues after
-it) and writes `metrics.json` from every line. Images are paths (relative to the data file) or embedded
-(`datasets` images, PIL images, or `{"bytes": ...}`).
-
-| task | columns | instruction | metric (`modeling_sphinx.evaluation.metrics`) |
-|---|---|---|---|
-| `vqa` | `image`, `question`, `answer` (str) or `answers` (list) | `vqa_short` | VQAv2 soft accuracy / exact match |
-| `vizwiz` | same | `vqa_vizwiz` | same, "unanswerable" included |
-| `multiple_choice` | `image`, `question`, `options` (list), `answer` (letter) | options as `A. ...` lines | accuracy |
-| `pope` | `image`, `question`, `answer` (yes/no) | `vqa_short` | accuracy, precision, recall, F1, yes-ratio |
-| `rec` | `image`, `expression`, `box` `[x1,y1,x2,y2]` or COCO `bbox` (pixels) | `referring_expression` | Acc@IoU>=0.5, mean IoU |
-| `region_caption` | `image`, `box` or `bbox`, `expression` (the region's words) | `region_caption` | exact match (VQA normalisation) |
-| `detection` | `image`, `category`, `boxes` (all of the category, pixels) | `detection` | exact box sets, precision, recall at IoU>=0.5 |
-
-`prompt_template` replaces every task's instruction by one with a `{content}` field (see
-`tasks_sphinx.task_prompt`), to evaluate a model tuned with that template.
+`evaluate(model, processor, task, data, out_dir, ...)` reads a JSONL / JSON / Parquet file or a `datasets` folder,
+asks every row's question with the task's SPHINX instruction (batched greedy generation, left padding), appends one
+line per sample to `predictions.jsonl` (flushed per batch, so `resume=True` continues after a crash) and writes
+`metrics.json` from every line. `EVAL_TASKS` holds each task's columns, instruction and metric; `docs/evaluation.md`
+has them as a table.
 """
 
 import json
