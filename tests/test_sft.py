@@ -399,13 +399,16 @@ def test_the_smoke_preset_before_init_explains_the_missing_model(tmp_path, capsy
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_the_script_docstring_launches_files_that_exist():
+def test_the_documented_launch_commands_name_files_that_exist():
+    """The script's docstring and the recipes' README launch files of this repository and TRL's accelerate
+    configs."""
     import trl
 
     docstring = (REPO / "recipes" / "sft" / "sft_sphinx.py").read_text().split('"""')[1]
-    named = re.findall(r"(recipes/[\w/.-]+\.(?:yaml|py))", docstring)
+    recipes_readme = (REPO / "recipes" / "README.md").read_text()
+    named = re.findall(r"(recipes/[\w/.-]+\.(?:yaml|py))", docstring + recipes_readme)
     assert len(named) >= 6 and all((REPO / path).is_file() for path in named), named
-    shipped = re.findall(r"\$TRL_CONFIGS/([\w.-]+\.yaml)", docstring)
+    shipped = re.findall(r"\$TRL_CONFIGS/([\w.-]+\.yaml)", recipes_readme)
     configs = Path(trl.__file__).parent / "accelerate_configs"
     assert shipped and all((configs / name).is_file() for name in shipped), shipped
 
