@@ -72,7 +72,7 @@ from huggingface_hub.dataclasses import strict
 from .folder.atomic import atomic_output_dir
 from .folder.dtypes import DTYPES
 from .folder.shards import DECODER_SHAPE_FIELDS, LazyCheckpoint, StreamingShardWriter, parse_size
-from .schema import read, ruled, suggest
+from .schema import read, read_yaml_file, ruled, suggest
 
 
 class RecipeError(ValueError):
@@ -164,6 +164,7 @@ METHODS: dict[str, Method] = {
     ),
     "model_stock": Method(Combine.MODEL_STOCK, {}, min_models=2),
 }
+RECIPE_SHAPE = "a recipe is a mapping with merge_method, models and parameters"
 DEFAULT_MIXED = [r"^model\.language_model\.", r"^lm_head\."]
 
 
@@ -245,16 +246,10 @@ class Recipe:
         """Parse and check a recipe (a YAML file or a dict); relative model paths are relative to the file."""
         root = Path.cwd()
         if isinstance(recipe, (str, Path)):
-            path = Path(recipe)
-            if not path.is_file():
-                raise RecipeError(f"recipe file {str(path)!r} does not exist")
-            root = path.parent
-            try:
-                recipe = yaml.safe_load(path.read_text())
-            except yaml.YAMLError as error:
-                raise RecipeError(f"{path}: not valid YAML: {error}") from error
+            root = Path(recipe).parent
+            recipe = read_yaml_file(recipe, "recipe file", RecipeError, RECIPE_SHAPE)
         if not isinstance(recipe, dict):
-            raise RecipeError("a recipe is a mapping with merge_method, models and parameters")
+            raise RecipeError(RECIPE_SHAPE)
         written = read(RecipeFile, recipe, RecipeError, unknown="unknown recipe key {value!r}")
         method, spec = written.merge_method, METHODS[written.merge_method]
 
@@ -268,11 +263,9 @@ class Recipe:
                 raise RecipeError(f"each models entry needs a 'model' path, got {entry!r}")
             unknown = f"unknown key {{value!r}} in the entry of model {entry.get('model')}"
             model = read(ModelEntry, entry, RecipeError, unknown=unknown)
-            params = model.parameters or {}
-            _check_parameter_names(params, spec, method, f"model {model.model}")
+            params = _checked_parameters(model.parameters or {}, spec, method, f"model {model.model}")
             models.append((resolve(model.model), params))
-        parameters = written.parameters or {}
-        _check_parameter_names(parameters, spec, method, "the global parameters")
+        parameters = _checked_parameters(written.parameters or {}, spec, method, "the global parameters")
         base = resolve(written.base_model) if written.base_model else None
         if spec.needs_base and base is None:
             raise RecipeError(f"merge_method {method} needs a base_model")
@@ -299,16 +292,57 @@ class Recipe:
         )
 
 
-def _check_parameter_names(params: dict, spec: Method, method: str, where: str):
+SWITCHES = ("normalize", "rescale")  # the parameters that are true or false; all others are numbers
+
+
+def _checked_parameters(params: dict, spec: Method, method: str, where: str) -> dict:
+    """`params` with every value read as what it must be: a switch true or false, anything else a finite number,
+    a list of them (a gradient), or a list of `{filter, value}` entries of either. A number that YAML gave as a
+    string (PyYAML reads `5e-1` so) is read as the number it spells."""
     if not isinstance(params, dict):
         raise RecipeError(f"parameters of {where} must be a mapping, got {params!r}")
     accepted = spec.parameter_defaults
-    for name in params:
+    checked = {}
+    for name, value in params.items():
         if name not in accepted:
             known = sorted(accepted) or ["(none)"]
             raise RecipeError(
                 f"unknown parameter {name!r} for {method} in {where}{suggest(name, accepted)}; known: {known}"
             )
+        checked[name] = _parameter_value(value, name, f"{where}: parameter {name!r}")
+    return checked
+
+
+def _parameter_value(value, name: str, where: str):
+    if isinstance(value, list) and value and all(isinstance(entry, dict) for entry in value):
+        entries = []
+        for entry in value:
+            unknown = set(entry) - {"filter", "value"}
+            if unknown:
+                raise RecipeError(f"{where}: a filtered entry has 'filter' and 'value', not {sorted(unknown)}")
+            entries.append({**entry, "value": _parameter_value(entry.get("value"), name, where)})
+        return entries
+    if isinstance(value, list) and name not in SWITCHES:
+        if not value:
+            raise RecipeError(f"{where}: an empty list is not a value")
+        return [_parameter_value(anchor, name, where) for anchor in value]
+    if value is None:
+        return None
+    if name in SWITCHES:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where} is true or false, got {value!r}")
+        return value
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise RecipeError(f"{where} must be a number, got {value!r}") from None
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise RecipeError(f"{where} must be a number, got {value!r}")
+    if not math.isfinite(number):
+        raise RecipeError(f"{where} must be a finite number, got {value!r}")
+    return float(number)
 
 
 def _layer_position(name: str, num_layers: int) -> float:

@@ -54,6 +54,18 @@ def read_rows(path: str | Path) -> list[dict]:
     return rows
 
 
+def vqa_answers(row: dict, where: str) -> list[str]:
+    """The answers of a VQA record: `answer` (one) or `answers` (VQAv2's annotators: strings or `{"answer": ...}`)."""
+    answers = row.get("answers")
+    if answers is None:
+        if row.get("answer") is None:
+            raise DataError(f"{where}: the record has no 'answer' (a string) or 'answers' (a list)")
+        return [str(row["answer"])]
+    if not isinstance(answers, list) or not answers:
+        raise DataError(f"{where}: 'answers' is a non-empty list of answers, got {answers!r}")
+    return [str(a["answer"]) if isinstance(a, dict) and "answer" in a else str(a) for a in answers]
+
+
 def xywh_to_xyxy(bbox) -> list[float]:
     """A COCO `[x, y, width, height]` box as `[x1, y1, x2, y2]`."""
     x, y, w, h = (float(v) for v in bbox)

@@ -1,5 +1,5 @@
 """Declared schemas for the package's YAML files: mixing recipes (`mixing.RecipeFile`) and task mixtures
-(`training.mixtures.MixtureFile`).
+(`training.mixtures.MixtureFile`), and the one reader of those files and of training configs (`read_yaml_file`).
 
 A schema is a strict dataclass (huggingface_hub's `@strict`): each field's annotation says what the key holds and
 is checked on construction, and each field made with `ruled` carries its rule, the words of its error, and the check
@@ -10,12 +10,37 @@ names the closest known one, and a field that fails gives its rule with the valu
 import difflib
 from collections.abc import Callable
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any
 
+import yaml
 from huggingface_hub.dataclasses import type_validator, validated_field
 from huggingface_hub.errors import StrictDataclassError
 
 Rule = str | Callable[[Any], str]  # a template with `{value}`, or a function of the value
+
+
+def read_yaml_file(path: str | Path, what: str, error: type[ValueError], shape: str) -> dict:
+    """The mapping in the YAML file `path`, or one `error` naming the file: missing, a folder, not text, not YAML
+    (with the line), empty or not a mapping. `what` names the file ("recipe file"); `shape` says what it holds."""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{what} {str(path)!r} is a folder; give the YAML file")
+    if not path.is_file():
+        raise error(f"{what} {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a text file; a {what} is YAML") from None
+    except yaml.YAMLError as problem:
+        mark = getattr(problem, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        reason = getattr(problem, "problem", None) or str(problem).splitlines()[0]
+        raise error(f"{path}: not valid YAML{where}: {reason}") from None
+    if not isinstance(data, dict):
+        found = "it is empty" if data is None else f"got {type(data).__name__}"
+        raise error(f"{path}: {shape} ({found})")
+    return data
 
 
 def suggest(name: str, known) -> str:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, pipeline
 
 from modeling_sphinx.cli import main
@@ -235,6 +235,67 @@ def test_bad_recipes(trio, tmp_path):
         tmp_path,
         "folder does not exist",
     )
+
+
+@pytest.mark.parametrize(
+    ("written", "read"),
+    [("5e-1", 0.5), ('"0.5"', 0.5), ("0.5", 0.5), ("[0.2, 8e-1]", None)],
+)
+def test_a_weight_yaml_reads_as_a_string_is_the_number_it_spells(trio, tmp_path, written, read):
+    """PyYAML reads `5e-1` as the string '5e-1' (YAML 1.1 wants a dot); the recipe means 0.5 and gets it."""
+    a, b, _ = trio
+    text = f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: {written}}}\n"
+    text += f"  - model: {b}\n    parameters: {{weight: 0.5}}\n"
+    (tmp_path / "recipe.yaml").write_text(text)
+    recipe = Recipe.load(tmp_path / "recipe.yaml")
+    weight = recipe.models[0][1]["weight"]
+    assert weight == (read if read is not None else [0.2, 0.8])
+    if read is not None:
+        out = tensors(mix(recipe, tmp_path / "out"))
+        ta, tb = tensors(a), tensors(b)
+        expected = ((0.5 * ta[LLM_KEY].float() + 0.5 * tb[LLM_KEY].float()) / 1.0).to(torch.bfloat16)
+        assert torch.equal(out[LLM_KEY], expected)
+
+
+@pytest.mark.parametrize("written", [".nan", ".inf", "-.inf", "nan", "'inf'", "heavy", "true", "{a: 1}"])
+def test_a_weight_that_is_not_a_finite_number_is_refused_naming_the_model_and_writes_nothing(trio, tmp_path, written):
+    a, b, _ = trio
+    text = f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: {written}}}\n"
+    text += f"  - model: {b}\n    parameters: {{weight: 0.5}}\n"
+    (tmp_path / "recipe.yaml").write_text(text)
+    with pytest.raises(
+        RecipeError, match=rf"model {re.escape(str(a))}: parameter 'weight' must be a (finite )?number"
+    ):
+        mix(tmp_path / "recipe.yaml", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert main(["mix", str(tmp_path / "recipe.yaml"), str(tmp_path / "out")]) == 2
+
+
+def test_a_switch_must_be_true_or_false(trio, tmp_path):
+    _bad({"parameters": {"normalize": "yes please"}}, trio, tmp_path, "parameter 'normalize' is true or false")
+
+
+def test_non_finite_weights_in_an_input_are_never_written(trio, tmp_path):
+    """An input whose tensors hold NaN mixes into NaN: the output is refused, naming the tensor, and nothing stays."""
+    a, b, _ = trio
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in a.iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    shard = next(name for name in sorted(broken.glob("*.safetensors")) if LLM_KEY in load_file(name))
+    weights = load_file(shard)
+    weights[LLM_KEY][0, 0] = float("nan")
+    save_file(weights, shard, metadata={"format": "pt"})
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(broken), "parameters": {"weight": 0.5}},
+            {"model": str(b), "parameters": {"weight": 0.5}},
+        ],
+    }
+    with pytest.raises(ValueError, match=rf"tensor {re.escape(LLM_KEY)} has 1 of \d+ values NaN or infinite"):
+        mix(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_incompatible_checkpoints(trio, tmp_path):

@@ -172,6 +172,25 @@ def test_a_prompt_template_replaces_each_tasks_instruction(world, tmp_path):
         read_mixture(_mixture(tmp_path, [entry]))
 
 
+def test_vqa_rows_train_from_answer_or_vqav2s_answers(world, tmp_path):
+    """The columns eval reads are the columns training reads: `answer`, or VQAv2's ten annotators' `answers`
+    (strings or `{"answer": ...}`), whose most given answer is the target."""
+    image = str(world / "images" / "red.png")
+    rows = [
+        {"image": image, "question": "Colour?", "answer": "red"},
+        {"image": image, "question": "Colour?", "answers": ["red", "crimson", "red"]},
+        {"image": image, "question": "Colour?", "answers": [{"answer": "scarlet"}, {"answer": "scarlet"}]},
+    ]
+    write_jsonl(tmp_path / "vqa.jsonl", rows)
+    sources, _ = read_mixture(_mixture(tmp_path, [{"task": "vqa", "path": str(tmp_path / "vqa.jsonl")}]))
+    answers = [_turns(sample)[0][1] for sample in build_samples(sources[0])]
+    assert answers == ["red", "red", "scarlet"]
+    write_jsonl(tmp_path / "none.jsonl", [{"image": image, "question": "Colour?"}])
+    sources, _ = read_mixture(_mixture(tmp_path, [{"task": "vqa", "path": str(tmp_path / "none.jsonl")}]))
+    with pytest.raises(DataError, match="record 0: the record has no 'answer' .* or 'answers'"):
+        list(build_samples(sources[0]))
+
+
 def test_bad_data_is_named(world, tmp_path):
     missing = tmp_path / "missing.jsonl"
     write_jsonl(missing, [{"image": "nowhere.png", "question": "q", "answer": "a"}])
@@ -382,6 +401,26 @@ def test_two_process_run_on_cpu(world, tiny_sphinx, tmp_path):
     assert AutoModelForImageTextToText.from_pretrained(out / "model") is not None
 
 
+def test_a_diverged_model_is_never_written(world, tiny_sphinx, tmp_path):
+    """Weights that became NaN in training end in an error naming a tensor, with no final folder to chat with or
+    push."""
+    from transformers import TrainerCallback
+
+    from modeling_sphinx.training.sft import make_parser, train
+
+    class Diverge(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            with torch.no_grad():
+                model.lm_head.weight[0, 0] = float("nan")
+
+    out = tmp_path / "run"
+    argv = train_args(tiny_sphinx, world, out, "--max_steps", "1", "--save_steps", "10")[1:]
+    args, training_args = make_parser().parse_args_and_config(args=["--config", *argv])
+    with pytest.raises(ValueError, match=r"tensor lm_head.weight has 1 of \d+ values NaN or infinite; .* not written"):
+        train(args, training_args, callbacks=[Diverge()])
+    assert not (out / "model").exists() and not list(out.glob(".model.*partial"))
+
+
 def test_unknown_config_and_too_short_max_length(world, tiny_sphinx, tmp_path, capsys):
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
     assert "training config" in capsys.readouterr().err
@@ -395,7 +434,7 @@ def test_the_smoke_preset_before_init_explains_the_missing_model(tmp_path, capsy
     monkeypatch.chdir(tmp_path)  # no runs/tiny here: the preset's model_name_or_path
     assert main(["train", str(REPO / "recipes" / "sft" / "smoke.yaml")]) == 2
     err = capsys.readouterr().err
-    assert "'runs/tiny' is neither a model folder nor a Hub model that loads" in err
+    assert "'runs/tiny' is neither a local folder nor a Hub model that loads" in err
     assert err.count("\n") == 1 and "Traceback" not in err
 
 

@@ -8,6 +8,6 @@ May import the model files, `processing`, `inference`, `records` and `folder`; n
 miniature. `evaluate` and `record_in_card` are re-exported here.
 """
 
-from .runner import EVAL_TASKS, evaluate, record_in_card
+from .runner import EVAL_TASKS, evaluate, read_task_rows, record_in_card
 
-__all__ = ["EVAL_TASKS", "evaluate", "record_in_card"]
+__all__ = ["EVAL_TASKS", "evaluate", "read_task_rows", "record_in_card"]

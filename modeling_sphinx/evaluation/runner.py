@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..folder.atomic import write_text_atomic
 from ..processing.tasks_sphinx import check_prompt_template, format_box, task_prompt
-from ..records import open_image, pixel_box, read_rows, record_box
+from ..records import open_image, pixel_box, read_rows, record_box, vqa_answers
+from ..schema import suggest
 from . import metrics
 
 MULTIPLE_CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
@@ -32,13 +33,6 @@ class EvalTask:
     aggregate: Callable[[list[dict]], dict[str, float]]
 
 
-def _answers(row: dict) -> list[str]:
-    answers = row.get("answers")
-    if answers is None:
-        answers = [row["answer"]]
-    return [a["answer"] if isinstance(a, dict) else str(a) for a in answers]
-
-
 def _mean_score(name: str) -> Callable[[list[dict]], dict[str, float]]:
     return lambda rows: {name: sum(r["score"] for r in rows) / len(rows)}
 
@@ -48,7 +42,7 @@ def _vqa(instruction: str) -> EvalTask:
         columns=(("image",), ("question",), ("answer", "answers")),
         prompt=lambda row, size, where, template: task_prompt(instruction, template, question=row["question"]),
         parse=lambda answer, row, size: answer.strip(),
-        target=lambda row, size, where: _answers(row),
+        target=lambda row, size, where: vqa_answers(row, where),
         score=metrics.vqa_accuracy,
         aggregate=_mean_score("accuracy"),
     )
@@ -137,13 +131,20 @@ def load_rows(data: str | Path) -> tuple[list[dict], Path]:
     return read_rows(data), data.parent
 
 
-def _check_columns(task: EvalTask, rows: list[dict], data: Path):
+def read_task_rows(task: str, data: str | Path) -> tuple[list[dict], Path]:
+    """`load_rows` for one of `EVAL_TASKS`, checked to have rows with the task's columns."""
+    if task not in EVAL_TASKS:
+        raise ValueError(f"unknown task {task!r}{suggest(task, EVAL_TASKS)}; known: {', '.join(EVAL_TASKS)}")
+    if not Path(data).exists():
+        raise ValueError(f"{data}: the data file or folder does not exist")
+    rows, root = load_rows(data)
     if not rows:
         raise ValueError(f"{data}: no rows to evaluate")
-    present = set(rows[0])
-    missing = [" or ".join(group) for group in task.columns if not present & set(group)]
+    present = set(rows[0]) if isinstance(rows[0], dict) else set()
+    missing = [" or ".join(group) for group in EVAL_TASKS[task].columns if not present & set(group)]
     if missing:
         raise ValueError(f"{data}: missing columns {missing} (the rows have {sorted(present)})")
+    return rows, root
 
 
 def _done_ids(predictions: Path) -> list[dict]:
@@ -176,13 +177,13 @@ def evaluate(
 
     from ..inference import generate_answers, user_turn
 
-    if task not in EVAL_TASKS:
-        raise ValueError(f"unknown task {task!r}; known: {', '.join(EVAL_TASKS)}")
-    spec = EVAL_TASKS[task]
+    for name, count in (("batch_size", batch_size), ("limit", limit), ("max_new_tokens", max_new_tokens)):
+        if count is not None and count < 1:
+            raise ValueError(f"{name} must be at least 1, got {count}")
     if prompt_template is not None:
         check_prompt_template(prompt_template)
-    rows, root = load_rows(data)
-    _check_columns(spec, rows, Path(data))
+    rows, root = read_task_rows(task, data)
+    spec = EVAL_TASKS[task]
     rows = rows[:limit] if limit is not None else rows
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from ..processing.image_processing_sphinx import SphinxImageProcessor
 from ..processing.processing_sphinx import SphinxProcessor
 from ..processing.tasks_sphinx import CHAT_TEMPLATE, SEPARATOR
 from .atomic import atomic_output_dir
+from .shards import refuse_non_finite
 from .tokenizer import tiny_tokenizer, tokenizer_from_sentencepiece
 
 
@@ -85,7 +86,10 @@ def write_model_folder(
 def save_model_folder(
     model: SphinxForConditionalGeneration, processor: SphinxProcessor, out_dir, provenance: dict, **save_kwargs
 ) -> Path:
-    """Write `model` (with `save_pretrained(**save_kwargs)`), its processor, remote code and card to `out_dir`."""
+    """Write `model` (with `save_pretrained(**save_kwargs)`), its processor, remote code and card to `out_dir`;
+    a model with NaN or infinite weights (a diverged run) is refused, naming the tensor, and nothing is written."""
+    for name, tensor in model.state_dict().items():
+        refuse_non_finite(name, tensor, f"{out_dir} was not written (a diverged run? lower the learning rate)")
     # save_pretrained writes the config and remote code too; write_model_folder writes them again as for any folder
     return write_model_folder(
         out_dir, model, processor, provenance, lambda folder: model.save_pretrained(folder, **save_kwargs)

@@ -1,6 +1,7 @@
 """Publish a SPHINX model folder to the Hugging Face Hub in one commit, with remote code and a rendered card.
 
-Everything is checked before anything is sent: the repo id, the weights (every shard the index names), the
+Everything is checked before anything is sent: the repo id, the weights (every shard the index names, read in full
+and finite), the
 processor and tokenizer files, and that every `auto_map` entry points at a code file in the folder. The token
 comes from huggingface_hub's usual sources (`token=`, `HF_TOKEN`, `hf auth login`) and is never printed.
 """
@@ -61,6 +62,9 @@ def check_folder(folder: str | Path) -> list[Path]:
     missing_code = sorted(m for m in needed if not (folder / m).is_file())
     if missing_code:
         raise ValueError(f"{folder}: auto_map points at remote-code files that are missing: {missing_code}")
+    from .shards import check_weights  # torch: only once the folder is known to be a model's
+
+    check_weights(folder)
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in SKIPPED)
 
 

@@ -79,6 +79,9 @@ class LazyCheckpoint:
             if not path.is_file():
                 raise ValueError(f"{self.folder}: the index names {name}, which is missing")
             data_start, header = _read_header(path)
+            end = data_start + max((entry["data_offsets"][1] for entry in header.values()), default=0)
+            if (size := path.stat().st_size) < end:
+                raise ValueError(f"{path}: truncated ({size} of {end} bytes); write or download it again")
             for key, entry in header.items():
                 self._entries[key] = (path, data_start, entry)
 
@@ -158,6 +161,7 @@ class StreamingShardWriter:
         shape, dtype = self.layout[name]
         if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
             raise ValueError(f"{name}: got {list(tensor.shape)} {tensor.dtype}, the layout says {list(shape)} {dtype}")
+        refuse_non_finite(name, tensor)
         if self.file_of[name] != self._file:
             self._open(self.file_of[name])
         data = tensor.detach().contiguous().cpu()
@@ -176,6 +180,24 @@ class StreamingShardWriter:
 
     def written_names(self) -> set[str]:
         return set(self.file_of)
+
+
+def refuse_non_finite(name: str, tensor: torch.Tensor, consequence: str = "nothing was written"):
+    """A `ValueError` naming the tensor when it holds NaN or infinite values: such weights are never written."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"tensor {name} has {bad} of {tensor.numel()} values NaN or infinite; {consequence}")
+
+
+def check_weights(folder: str | Path):
+    """A `ValueError` naming the file or tensor unless every tensor of the folder's weights reads in full and is
+    finite: what a folder must pass before it is published."""
+    checkpoint = LazyCheckpoint(folder)
+    for name in checkpoint.tensor_names():
+        try:
+            refuse_non_finite(name, checkpoint.get(name), "this model would not work")
+        except ValueError as error:
+            raise ValueError(f"{folder}: {error}") from None
 
 
 def _numel(shape) -> int:

@@ -11,7 +11,7 @@ Builders read the formats people have on disk (`TASK_BUILDERS`):
 | task | file | record |
 |---|---|---|
 | `conversations` | LLaVA/SPHINX JSON or JSONL | `{"image", "conversations": [{"from": "human"/"gpt", "value"}]}` |
-| `vqa` | JSON, JSONL, CSV or Parquet rows | `image`, `question`, `answer` (optional `instruction`: `vqa_vizwiz`) |
+| `vqa` | JSON, JSONL, CSV or Parquet rows | `image`, `question`, `answer` or VQAv2's `answers` (the most given is the target; optional `instruction`: `vqa_vizwiz`) |
 | `detection` | COCO instances JSON | one sample per image and category: all its boxes |
 | `grounded_caption` | COCO instances JSON | every category of the image with its boxes |
 | `keypoints` | COCO person keypoints JSON | one sample per annotated person |
@@ -27,11 +27,11 @@ Bad data raises a `DataError` naming the file and the record.
 
 import json
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import yaml
 from huggingface_hub.dataclasses import strict
 
 from ..processing.tasks_sphinx import (
@@ -42,8 +42,8 @@ from ..processing.tasks_sphinx import (
     format_keypoints,
     task_prompt,
 )
-from ..records import DataError, image_file, pixel_box, read_rows, record_box
-from ..schema import read, ruled
+from ..records import DataError, image_file, pixel_box, read_rows, record_box, vqa_answers
+from ..schema import read, read_yaml_file, ruled
 
 
 @dataclass
@@ -59,6 +59,9 @@ class Source:
 
     def label(self) -> str:
         return self.name or self.path.name
+
+
+MIXTURE_SHAPE = "a mixture is a mapping with 'sources' (and 'seed')"
 
 
 def sample(image: Path, turns: list[tuple[str, str]], task: str, record_id: str) -> dict:
@@ -104,7 +107,8 @@ def build_conversations(source: Source) -> Iterator[dict]:
 
 
 def build_vqa(source: Source) -> Iterator[dict]:
-    """Short-answer VQA rows, with the original's "single word or phrase" instruction."""
+    """Short-answer VQA rows (`answer`, or VQAv2's `answers`: the most given), with the original's "single word or
+    phrase" instruction."""
     for index, row in enumerate(read_rows(source.path)):
         where = f"{source.path}, record {index}"
         image, _ = _image(source, _field(row, "image", where), where)
@@ -112,7 +116,7 @@ def build_vqa(source: Source) -> Iterator[dict]:
         if instruction not in ("vqa_short", "vqa_vizwiz"):
             raise DataError(f"{where}: instruction must be vqa_short or vqa_vizwiz, got {instruction!r}")
         question = _prompt(source, instruction, question=_field(row, "question", where))
-        answer = str(_field(row, "answer", where))
+        answer = Counter(vqa_answers(row, where)).most_common(1)[0][0]  # VQAv2's annotators: the most given
         yield sample(image, [(question, answer)], "vqa", f"{source.label()}#{row.get('id', index)}")
 
 
@@ -346,17 +350,11 @@ def read_mixture(mixture: str | Path | dict) -> tuple[list[Source], int]:
     task-specific instructions buy; evaluate such a model with the same `prompt_template`.
     """
     base = Path.cwd()
+    if isinstance(mixture, (str, Path)):
+        base = Path(mixture).parent
+        mixture = read_yaml_file(mixture, "mixture file", DataError, MIXTURE_SHAPE)
     if not isinstance(mixture, dict):
-        path = Path(mixture)
-        if not path.is_file():
-            raise DataError(f"mixture file {str(path)!r} does not exist")
-        base = path.parent
-        try:
-            mixture = yaml.safe_load(path.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as error:
-            raise DataError(f"{path}: not a readable YAML mixture: {error}") from None
-    if not isinstance(mixture, dict):
-        raise DataError(f"a mixture is a mapping with 'sources' (and 'seed'), got {mixture!r}")
+        raise DataError(f"{MIXTURE_SHAPE}, got {mixture!r}")
     read_file = read(MixtureFile, {"sources": None, **mixture}, DataError, unknown="unknown mixture key {value!r}")
     return [_source(entry, base) for entry in read_file.sources], read_file.seed
 
