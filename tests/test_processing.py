@@ -102,12 +102,37 @@ def test_image_placeholder_expansion_right_after_bos(processor):
     assert out["pixel_values"].shape == (1, 3, 448, 448)
 
 
+def test_a_plain_question_with_an_image_is_asked_through_the_chat_template(processor):
+    """`pipe(images=..., text="What is it?")` reaches the processor as a text without `<image>`: it becomes the
+    user turn that the messages form would render, image first."""
+    image = Image.open(IMAGES / "coffee.png")
+    messages = image_message("What is it?", image)
+    expected = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    plain = processor(text="What is it?", images=image)
+    assert plain["input_ids"][0] == list(expected["input_ids"][0])
+    batch = processor(text=["What is it?", "Is it hot?"], images=[image, image], padding=True)
+    assert len(batch["input_ids"]) == 2 and batch["pixel_values"].shape[0] == 2
+
+
+def test_an_image_url_that_cannot_be_fetched_is_one_error_naming_it(processor, monkeypatch):
+    import transformers.image_utils
+
+    def no_network(url, **kwargs):
+        raise transformers.image_utils.httpx.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(transformers.image_utils.httpx, "get", no_network)
+    url = "https://example.com/cat.png"
+    messages = [{"role": "user", "content": [{"type": "image", "url": url}, {"type": "text", "text": "What?"}]}]
+    with pytest.raises(ValueError, match=rf"cannot fetch the image at {url} \(ConnectError: .*\); download it"):
+        processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+
+
 def test_image_count_must_match_placeholders(processor):
     image = Image.open(IMAGES / "coffee.png")
     with pytest.raises(ValueError, match="Found total 2 <image> tokens and 1 images"):
         processor(text="<image><image>Hi", images=image)
-    with pytest.raises(ValueError, match="Found total 0 <image> tokens and 1 images"):
-        processor(text="Hi", images=image)
+    with pytest.raises(ValueError, match="2 texts without '<image>' .* or pass messages, e.g. text=\\[\\{'role'"):
+        processor(text=["Hi", "Ho"], images=image)
     with pytest.raises(ValueError, match="no images were passed"):
         processor(text="<image>Hi")
     with pytest.raises(ValueError, match="videos or audio"):
@@ -185,15 +210,35 @@ def test_pil_backend_matches_original_padding_and_resize(tmp_path):
 def test_grounding_parse_to_pixels(processor):
     height, width = 300, 600  # landscape: padded square of side 600, 150 rows above
     answer = "There is <p>a cat</p>[0.10,0.25,0.50,0.75;0.6,0.3,0.9,0.7] and a point [0.5,0.5].\n###"
-    grounded = processor.post_process_generation(answer, (height, width))
+    grounded = processor.post_process_generation(answer, image_sizes=(height, width))
     assert grounded.text == "There is a cat[0.10,0.25,0.50,0.75;0.6,0.3,0.9,0.7] and a point [0.5,0.5]."
     cat, point = grounded.entities
     assert cat.phrase == "a cat"
     assert cat.boxes == [pytest.approx([60.0, 0.0, 300.0, 300.0]), pytest.approx([360.0, 30.0, 540.0, 270.0])]
     assert point.phrase is None and point.points == [pytest.approx([300.0, 150.0])]
     assert format_box([60.0, 0.0, 300.0, 300.0], (height, width)) == "[0.10,0.25,0.50,0.75]"
-    many = processor.post_process_generation(["[0.1,0.1,0.2,0.2]", "nothing"], [(10, 10), (20, 20)])
+    many = processor.post_process_generation(["[0.1,0.1,0.2,0.2]", "nothing"], image_sizes=[(10, 10), (20, 20)])
     assert many[0].boxes == [pytest.approx([1.0, 1.0, 2.0, 2.0])] and many[1].entities == []
+
+
+def test_boxes_come_in_pixels_of_the_image_itself_and_a_bare_size_is_refused(processor):
+    """PIL's `image.size` is (width, height): a bare pair in place of the image could be either order, so it is
+    refused; the image itself (PIL, array or tensor) or `image_sizes=` by keyword give the same pixels."""
+    answer = "<p>a cat</p>[0.10,0.25,0.50,0.75]"
+    image = Image.new("RGB", (600, 300))
+    expected = processor.post_process_generation(answer, image_sizes=(300, 600)).boxes
+    assert expected == [pytest.approx([60.0, 0.0, 300.0, 300.0])]
+    assert processor.post_process_generation(answer, image).boxes == expected
+    assert processor.post_process_generation(answer, np.asarray(image)).boxes == expected
+    assert processor.post_process_generation(answer, torch.zeros(3, 300, 600)).boxes == expected
+    assert [g.boxes for g in processor.post_process_generation([answer, answer], [image, image])] == [expected] * 2
+    for bare in (image.size, (300, 600), [600, 300]):
+        with pytest.raises(ValueError, match=r"image itself, or image_sizes=\(height, width\) by keyword"):
+            processor.post_process_generation(answer, bare)
+    with pytest.raises(ValueError, match="needs the image"):
+        processor.post_process_generation(answer)
+    with pytest.raises(ValueError, match="2 answers but 1 images"):
+        processor.post_process_generation([answer, answer], [image])
 
 
 def test_post_process_strips_separator(processor):

@@ -1,5 +1,6 @@
 """The README stays a README: short, every page under docs/ linked from it, every link it makes resolves, and its
-usage example runs as written after the main job."""
+usage example runs as written after the main job; so does the example of the model card every saved folder
+carries."""
 
 import os
 import re
@@ -37,10 +38,32 @@ def test_the_usage_example_runs_after_the_main_job(quick_demo, tmp_path):
     out, _, _ = quick_demo
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "demo").symlink_to(out)
-    example = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    run = run_first_python_block(README.read_text(), tmp_path)
+    assert run.stdout.strip(), "the example prints the answer and its boxes"
+
+
+@pytest.mark.slow
+def test_the_model_cards_example_runs_as_written(quick_demo, tmp_path):
+    """The `Use` block of the card rendered into every saved folder, for the main job's model as if it were on the
+    Hub under its folder's path (remote code, no package import), beside a `photo.jpg`."""
+    from PIL import Image
+
+    from modeling_sphinx.folder.card import read_card_facts, render_model_card
+
+    out, _, _ = quick_demo
+    best = out / "best"
+    provenance, facts = read_card_facts(best)
+    card = render_model_card(best, provenance, repo_id=str(best), **facts)
+    Image.open(out / "data/real-10000000/images/10000000.png").convert("RGB").save(tmp_path / "photo.jpg")
+    run = run_first_python_block(str(card), tmp_path)
+    assert run.stdout.count("\n") >= 2, run.stdout  # the answer with its boxes, then the pipeline's answer
+
+
+def run_first_python_block(markdown: str, cwd) -> subprocess.CompletedProcess:
+    example = re.search(r"```python\n(.*?)```", markdown, re.S).group(1)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     run = subprocess.run(
-        [sys.executable, "-c", example], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env
+        [sys.executable, "-c", example], capture_output=True, text=True, timeout=600, cwd=cwd, env=env
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip(), "the example prints the answer and its boxes"
+    return run

@@ -30,14 +30,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(quick_demo):
+def served(quick_demo, tmp_path_factory):
     """`sphinx-mllm serve` in its own process: `(url, model folder)`."""
     model = quick_demo[0] / "best"
     port = _free_port()
     command = Path(sys.executable).with_name("sphinx-mllm")
+    console = tmp_path_factory.mktemp("serve") / "console.txt"
     server = subprocess.Popen(
         [str(command), "serve", str(model), "--port", str(port)],
-        stdout=subprocess.PIPE,
+        stdout=console.open("w"),
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
@@ -46,7 +47,7 @@ def served(quick_demo):
     deadline = time.monotonic() + 180
     while True:
         if server.poll() is not None:
-            pytest.fail(f"the server exited with {server.returncode}:\n{server.stdout.read()[-3000:]}")
+            pytest.fail(f"the server exited with {server.returncode}:\n{console.read_text()[-3000:]}")
         try:
             if httpx.get(url, timeout=5).status_code == 200:
                 break
@@ -56,7 +57,7 @@ def served(quick_demo):
             server.kill()
             pytest.fail("the server did not answer within 180 s")
         time.sleep(0.5)
-    yield url, model
+    yield url, model, console
     server.terminate()
     server.wait(timeout=30)
 
@@ -80,14 +81,20 @@ def _question(expression: str) -> str:
 
 
 def test_answer_endpoint_returns_the_answer_and_its_boxes_in_pixels(served, images):
-    url, model = served
+    url, model, console = served
+    # the console says where the app is, in the command's words, not Gradio's advice to Python callers
+    deadline = time.monotonic() + 30
+    while "serving" not in console.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert f"serving {model} at http://127.0.0.1:" in console.read_text()
+    assert "share=True" not in console.read_text()
     (good, expression), not_an_image, truncated = images
     question = _question(expression)
     client = Client(url, verbose=False, analytics_enabled=False)
     assert "/answer" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     result = client.predict(handle_file(str(good)), question, 24, False, 0.7, 0.9, api_name="/answer")
     width, height = Image.open(good).size
-    expected = AutoProcessor.from_pretrained(model).post_process_generation(result["text"], (height, width))
+    expected = AutoProcessor.from_pretrained(model).post_process_generation(result["text"], Image.open(good))
     assert result["text"].startswith("[") and result["boxes"], result  # the miniature answers with a box
     assert [item["box"] for item in result["boxes"]] == [[round(v, 1) for v in box] for box in expected.boxes]
     for item in result["boxes"]:
@@ -108,7 +115,7 @@ def test_the_page_grounds_a_phrase_and_reports_bad_uploads(served, images, tmp_p
         pytest.skip("no browser: install Debian's chromium (apt-get install -y chromium) to run this test")
     from playwright.sync_api import expect, sync_playwright
 
-    url, _ = served
+    url, _, _ = served
     (good, expression), not_an_image, truncated = images
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(

@@ -210,10 +210,9 @@ def test_the_openai_client_request_reproduces_generates_answer_and_boxes(quick_d
     assert FakeEngine.requests[-1]["logit_bias"] == {str(processor.image_token_id): -100}
     expected = generate_answers(model, processor, [[user_turn(question, image)]], max_new_tokens=32, do_sample=False)
     assert served.strip() == expected[0].strip() and "[" in served
-    size = (image.height, image.width)
     assert (
-        processor.post_process_generation(served, size).boxes
-        == processor.post_process_generation(expected[0], size).boxes
+        processor.post_process_generation(served, image).boxes
+        == processor.post_process_generation(expected[0], image).boxes
     )
 
 

@@ -33,7 +33,7 @@ def rec_doc_to_text(doc: dict) -> str:
 def unpad_boxes(answer: str, image_size: tuple[int, int], post_process) -> str:
     """Rewrite the boxes of an answer from padded-square fractions to fractions of the `(height, width)` image."""
     height, width = image_size
-    grounded = post_process(answer, image_size)
+    grounded = post_process(answer, image_sizes=image_size)
     if not grounded.boxes:
         return answer
     x1, y1, x2, y2 = grounded.boxes[0]

@@ -14,7 +14,7 @@ processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 client = OpenAI(base_url="http://localhost:8000/v1", api_key="unused")
 request = chat_request(folder, image, "Please provide the bounding box ...: the red circle.", processor)
 answer = client.chat.completions.create(**request).choices[0].message.content
-boxes = processor.post_process_generation(answer, (image.height, image.width)).boxes
+boxes = processor.post_process_generation(answer, image).boxes
 ```
 """
 

@@ -47,7 +47,7 @@ def main():
         torch.save(dumped, f"{args.dump}.rank{os.environ.get('RANK', '0')}")
     if int(os.environ.get("RANK", "0")) == 0:
         answer = processor.decode(ids, skip_special_tokens=True)
-        grounded = processor.post_process_generation(answer, (image.height, image.width))
+        grounded = processor.post_process_generation(answer, image)
         print(grounded.text, *(f"box {[round(v, 1) for v in box]}" for box in grounded.boxes), sep="\n")
 
 
