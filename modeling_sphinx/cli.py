@@ -4,8 +4,13 @@ Each command is one row of `COMMANDS`: its name, its help, the function that add
 runs it, whether it needs the model stack (the Auto-class registration, which imports torch, timm and transformers'
 model code: seconds), and an optional check of its arguments that runs before that. `main` registers once for the
 commands that need it, so `--help`, `mix` and `push` start fast (the launcher, `sphinx_mllm_cli`, loads the package
-without running its `__init__`), and turns a `ValueError` into one line on stderr and exit status 2. A command with subcommands (`demo`) lists them as rows of
-its own. Adding a command is adding a row.
+without running its `__init__`). A command with subcommands (`demo`) lists them as rows of its own. Adding a command
+is adding a row.
+
+`main` is the one error boundary: bad input (a `ValueError`, or a file that is missing, a folder, unreadable) ends
+in one line on stderr naming it and exit status 2; any other failure in one line, exit status 1, and a hint that
+`--debug` (or `SPHINX_MLLM_DEBUG=1`) shows the traceback; Ctrl-C in exit status 130 without a word. The checks
+that need no model (numbers in range, output paths, the model folder, the image) run before anything loads.
 
 Flags are written with dashes (`--max-new-tokens`). `train` passes the rest of its command line to TRL's parser,
 which takes dashes and underscores alike (`--max-steps`, `--max_steps`). `demo --ablations` is the old spelling of
@@ -50,6 +55,12 @@ def init_arguments(parser):
     parser.add_argument("--seed", type=int, default=0)
 
 
+def check_output(args):
+    from .folder.atomic import refuse_non_empty
+
+    refuse_non_empty(args.out)
+
+
 def run_init(args):
     from .folder.create import init_model
 
@@ -87,28 +98,76 @@ def load(args):
     )
 
 
+def check_loading(args):
+    """The model names a folder that is one, or a Hub id; `--device-map` names a device this machine has."""
+    from .inference import check_device_map, local_model_folder
+
+    local_model_folder(args.model)
+    check_device_map(args.device_map)
+
+
+def positive(value: str) -> int:
+    """argparse type of a count that must be at least 1."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def chat_arguments(parser):
     parser.add_argument("model", help="model folder or Hub id")
-    parser.add_argument("--image", required=True)
-    parser.add_argument("--prompt")
-    parser.add_argument("--draw", help="write the image with the parsed boxes and points to this PNG")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--image", required=True, help="image file to ask about")
+    parser.add_argument("--prompt", help="one question, answered once (interactive without it)")
+    parser.add_argument("--draw", help="write the image with the parsed boxes and points to this file (.png, .jpg)")
+    parser.add_argument("--max-new-tokens", type=positive, default=256, help="longest answer, in tokens")
     loading_arguments(parser)
+
+
+def check_chat(args):
+    from .records import open_image
+
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt is empty: ask something, or leave --prompt out for a conversation")
+    open_image(args.image)
+    if args.draw:
+        check_image_output(args.draw, "--draw")
+    check_loading(args)
+
+
+def check_image_output(path: str, flag: str):
+    import PIL.Image
+
+    PIL.Image.init()
+    target = Path(path)
+    if target.suffix.lower() not in PIL.Image.registered_extensions():
+        raise ValueError(f"{flag} {path}: not an image file name; end it in .png or .jpg")
+    if not target.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {str(target.parent)!r} does not exist; create it first")
+    if target.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give a file name")
+
+
+def counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 'es' if noun.endswith('x') else 's'}"
 
 
 def run_chat(args):
     from .inference import Chat, draw_answer, read_answer
     from .records import open_image
 
-    image = open_image(args.image)  # fails early, with the file named, on a bad image
+    image = open_image(args.image)
     processor, model = load(args)
     chat = Chat(model, processor, image)
-    prompts = [args.prompt] if args.prompt is not None else None
+    interactive = args.prompt is None
+    if interactive:
+        print("Ask about the image; an empty line or Ctrl-D ends the conversation.")
+    prompts = [args.prompt]
     while True:
-        if prompts is None:
+        if interactive:
             try:
                 prompt = input("human> ").strip()
             except EOFError:
+                print()
                 break
             if not prompt:
                 break
@@ -121,16 +180,29 @@ def run_chat(args):
         if args.draw:
             grounded = read_answer(processor, text, image)
             draw_answer(image, grounded).save(args.draw)
-            print(f"drew {len(grounded.boxes)} boxes and {len(grounded.points)} points into {args.draw}")
+            boxes, points = counted(len(grounded.boxes), "box"), counted(len(grounded.points), "point")
+            print(f"drew {boxes} and {points} into {args.draw}")
 
 
 def serve_arguments(parser):
     parser.add_argument("model", help="model folder or Hub id")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=port_number, default=7860)
     parser.add_argument("--auth", help="USER:PASSWORD, Gradio's login (required off loopback unless --public)")
     parser.add_argument("--public", action="store_true", help="serve on a network address without a login")
     loading_arguments(parser)
+
+
+def port_number(value: str) -> int:
+    number = int(value)
+    if not 0 < number < 65536:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {number}")
+    return number
+
+
+def check_serve(args):
+    login(args)
+    check_loading(args)
 
 
 def login(args) -> tuple[str, str] | None:
@@ -166,7 +238,18 @@ def run_serve(args):
 
     processor, model = load(args)
     app = build_app(model, processor, title=f"SPHINX · {Path(args.model).name}")
-    app.queue().launch(server_name=args.host, server_port=args.port, show_error=True, ssr_mode=False, auth=auth)
+    # quiet: Gradio's own lines tell a Python caller to "set `share=True` in `launch()`", which a CLI user cannot
+    app.queue().launch(
+        server_name=args.host,
+        server_port=args.port,
+        show_error=True,
+        ssr_mode=False,
+        auth=auth,
+        quiet=True,
+        prevent_thread_lock=True,
+    )
+    print(f"serving {args.model} at http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
+    app.block_thread()
 
 
 def eval_arguments(parser):
@@ -176,9 +259,9 @@ def eval_arguments(parser):
     )
     parser.add_argument("--data", required=True, help="JSONL, JSON or Parquet file, or a datasets folder")
     parser.add_argument("--out", help="output folder (default runs/eval/MODEL-TASK)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--limit", type=int, help="only the first N rows")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive, default=4, help="questions answered together")
+    parser.add_argument("--limit", type=positive, help="only the first N rows")
+    parser.add_argument("--max-new-tokens", type=positive, default=64, help="longest answer, in tokens")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in the same --out")
     parser.add_argument(
         "--prompt-template",
@@ -187,6 +270,15 @@ def eval_arguments(parser):
     parser.add_argument("--record-in-card", action="store_true", help="add the metrics to the folder's model card")
     parser.add_argument("--dataset-name", help="name for the card's model-index (default: the data file's name)")
     loading_arguments(parser)
+
+
+def check_eval(args):
+    from .evaluation import read_task_rows
+
+    read_task_rows(args.task, args.data)
+    if args.record_in_card and not Path(args.model).is_dir():
+        raise ValueError("--record-in-card writes into a local model folder's README.md")
+    check_loading(args)
 
 
 def run_eval(args):
@@ -209,8 +301,6 @@ def run_eval(args):
     print(json.dumps(results, indent=2))
     print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
     if args.record_in_card:
-        if not Path(args.model).is_dir():
-            raise ValueError("--record-in-card writes into a local model folder's README.md")
         card = record_in_card(args.model, args.task, args.dataset_name or Path(args.data).stem, results)
         print(f"recorded the results in {card}")
 
@@ -249,6 +339,13 @@ def mix_arguments(parser):
     parser.add_argument("--max-shard-size", default="2GB")
 
 
+def check_mix(args):
+    from .mixing import Recipe
+
+    Recipe.load(args.recipe)
+    check_output(args)
+
+
 def run_mix(args):
     from .mixing import mix
 
@@ -262,8 +359,10 @@ def train_arguments(parser):
 
 
 def check_train(args):
-    if not Path(args.config).is_file():
-        raise ValueError(f"training config {args.config!r} does not exist")
+    from .schema import read_yaml_file
+
+    shape = "a training config is a mapping of SphinxTuningArguments and TRL SFTConfig fields"
+    read_yaml_file(args.config, "training config", ValueError, shape)
 
 
 def run_train(args):
@@ -354,17 +453,38 @@ def run_pretrain(args):
 
 
 COMMANDS = (
-    Command("init", "write a randomly initialised model with its processor", init_arguments, run_init),
-    Command("chat", "answer a prompt about an image (interactive without --prompt)", chat_arguments, run_chat),
+    Command(
+        "init", "write a randomly initialised model with its processor", init_arguments, run_init, check=check_output
+    ),
+    Command(
+        "chat",
+        "answer a prompt about an image (interactive without --prompt)",
+        chat_arguments,
+        run_chat,
+        check=check_chat,
+    ),
     Command(
         "serve",
         "a web app to chat about images, boxes drawn (the demo extra)",
         serve_arguments,
         run_serve,
-        check=login,
+        check=check_serve,
     ),
-    Command("convert", "original LLaMA2-Accessory checkpoint folder → HF folder", convert_arguments, run_convert),
-    Command("mix", "mix checkpoints from a mergekit-style YAML recipe", mix_arguments, run_mix, needs_models=False),
+    Command(
+        "convert",
+        "original LLaMA2-Accessory checkpoint folder → HF folder",
+        convert_arguments,
+        run_convert,
+        check=check_output,
+    ),
+    Command(
+        "mix",
+        "mix checkpoints from a mergekit-style YAML recipe",
+        mix_arguments,
+        run_mix,
+        needs_models=False,
+        check=check_mix,
+    ),
     Command(
         "train",
         "multi-task SFT with TRL from a recipe YAML (recipes/sft/); extra --key value pairs override it",
@@ -372,7 +492,7 @@ COMMANDS = (
         run_train,
         check=check_train,
     ),
-    Command("eval", "score a model on one task over local data", eval_arguments, run_eval),
+    Command("eval", "score a model on one task over local data", eval_arguments, run_eval, check=check_eval),
     Command(
         "demo",
         "SPHINX's recipe in miniature: train, mix, tune, evaluate (offline, CPU)",
@@ -398,25 +518,81 @@ COMMANDS = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the package's error format: one line, the command named, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default, when it has one worth showing."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in help
+        return f"{help} (default: %(default)s)" if shown and action.option_strings else help
+
+
 def add_commands(parser: argparse.ArgumentParser, commands: tuple[Command, ...], dest: str, required: bool):
     table = parser.add_subparsers(dest=dest, required=required)
     for command in commands:
-        sub = table.add_parser(command.name, help=command.help, description=command.help)
+        sub = table.add_parser(
+            command.name, help=command.help, description=command.help, formatter_class=HelpFormatter
+        )
         command.arguments(sub)
         sub.set_defaults(command=command)
         if command.subcommands:
             add_commands(sub, command.subcommands, f"{dest}_{command.name}", required=False)
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    def of(name):
+        try:
+            return installed(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"sphinx-mllm {of('sphinx-mllm')} (transformers {of('transformers')}, torch {of('torch')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sphinx-mllm", description=__doc__.splitlines()[0])
+    parser = Parser(prog="sphinx-mllm", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=version())
+    parser.add_argument(
+        "--debug", action="store_true", help=f"show the traceback of a failure (or set {DEBUG_VARIABLE}=1)"
+    )
     add_commands(parser, COMMANDS, "command_name", required=True)
     return parser
 
 
+DEBUG_VARIABLE = "SPHINX_MLLM_DEBUG"
+# a missing, unreadable or misplaced file or folder that the user named: bad input, not a failure of the package
+USER_PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args, unknown = build_parser().parse_known_args(argv)
+    except SystemExit as stop:  # --help, --version, or a parse error already printed in one line
+        return stop.code
+    words = " ".join(word for word in (args.command_name, getattr(args, "command_name_demo", None)) if word)
+    prefix = f"sphinx-mllm {words}: error:"
+    if unknown:
+        print(
+            f"{prefix} unrecognized arguments: {' '.join(unknown)} (see sphinx-mllm {words} --help)", file=sys.stderr
+        )
+        return 2
     command = args.command
+    debug = args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
     if getattr(args, "use_kernels", False):
         os.environ["USE_HUB_KERNELS"] = "YES"  # transformers' switch, read by bitsandbytes' import guard too
     try:
@@ -425,9 +601,23 @@ def main(argv=None) -> int:
         if command.needs_models:
             register_models()
         command.run(args)
-    except ValueError as error:
-        print(f"sphinx-mllm {args.command_name}: error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:
+        if debug:
+            raise
+        if isinstance(error, ValueError):
+            print(f"{prefix} {one_line(error)}", file=sys.stderr)
+            return 2
+        if isinstance(error, USER_PATH_ERRORS):
+            print(f"{prefix} {error.filename or ''}: {error.strerror or one_line(error)}", file=sys.stderr)
+            return 2
+        print(
+            f"{prefix} internal error, {type(error).__name__}: {one_line(error)} (the traceback: "
+            f"sphinx-mllm --debug {args.command_name} ..., or {DEBUG_VARIABLE}=1)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

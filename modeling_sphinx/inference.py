@@ -3,7 +3,8 @@
 `sphinx-mllm chat`, `eval`, `serve`, `train` (loading), the lmms-eval plugin and the demo all go through here:
 
 - `load_processor`, `load_model`, `load_pretrained`: from a folder or a Hub id, with a dtype, a device map or the
-  LLM in 4-bit NF4; a name that is neither a model folder nor a loadable Hub model is explained in one line;
+  LLM in 4-bit NF4; a name that is neither a model folder nor a loadable Hub model is explained in one line, and a
+  local path that does not exist is reported so before any request to the Hub (`local_model_folder`);
 - `user_turn`, `chat_inputs`, `generate_answers`: SPHINX's chat template over a batch of conversations
   (left-padded), generation, and the decoded new text of every row;
 - `Chat`: a conversation about one image that keeps its KV cache between turns, so a later turn computes only
@@ -20,6 +21,7 @@ import PIL.Image
 import torch
 from huggingface_hub.errors import HFValidationError
 from PIL import ImageDraw
+from safetensors import SafetensorError
 from transformers import AutoModelForImageTextToText, AutoProcessor, TextIteratorStreamer
 
 from .folder.dtypes import STORAGE_DTYPES, dtype_named
@@ -41,14 +43,67 @@ POINT_COLOUR = (0, 200, 255)
 TRUTH_COLOUR = (40, 200, 70)
 
 
+MODEL_FOLDER_SOURCES = "sphinx-mllm init, convert, mix, train or the demo write model folders"
+
+
+def local_model_folder(name: str) -> Path | None:
+    """The local model folder `name` names, or None when it is a Hub id. A name that exists must be a folder with a
+    `config.json`; one that looks like a path (absolute, relative with `.`, `~`, more than one `/`, or under a
+    folder that exists here) and does not exist is reported as missing, with no request to the Hub."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"{name!r} is a folder but not a model folder: it has no config.json ({MODEL_FOLDER_SOURCES})"
+            )
+        return path
+    if path.exists():
+        raise ValueError(f"{name!r} is a file; a model is a folder or a Hub id")
+    first = Path(name).parts[0] if Path(name).parts else ""
+    looks_local = (
+        name.startswith((".", "~", "/", "\\"))
+        or name.count("/") != 1
+        or Path(first).is_dir()
+        or not _valid_repo_id(name)
+    )
+    if looks_local:
+        raise ValueError(f"model folder {name!r} does not exist ({MODEL_FOLDER_SOURCES})")
+    return None
+
+
+def _valid_repo_id(name: str) -> bool:
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_device_map(device_map) -> None:
+    """A `ValueError` when `device_map` names an accelerator this machine does not have."""
+    if not isinstance(device_map, str) or device_map in ("auto", "balanced", "balanced_low_0", "sequential", "cpu"):
+        return
+    kind = "cuda" if device_map.isdigit() else device_map.split(":")[0]
+    backend = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None), "mps": torch.backends.mps}.get(kind)
+    if backend is None:
+        raise ValueError(f"device map {device_map!r} is not a device: use auto, cpu, cuda or cuda:N")
+    if not backend.is_available():
+        raise ValueError(
+            f"device map {device_map!r}: this machine has no {kind} device; leave it out to run on the CPU"
+        )
+
+
 @contextmanager
 def _explained_load_errors(name: str):
+    local = local_model_folder(name)
     try:
         yield
-    except (OSError, HFValidationError) as error:
+    except (OSError, HFValidationError, SafetensorError) as error:
         reason = str(error).strip().splitlines()[0]
-        if not Path(name).exists():
-            raise ValueError(f"{name!r} is neither a model folder nor a Hub model that loads: {reason}") from None
+        if local is None:
+            raise ValueError(f"{name!r} is neither a local folder nor a Hub model that loads: {reason}") from None
         raise ValueError(f"{name!r} is not a complete model folder: {reason}") from None
 
 
@@ -235,7 +290,7 @@ class Chat:
 
 def read_answer(processor, text: str, image: PIL.Image.Image) -> GroundedText:
     """The phrases, boxes and points of an answer, in pixels of `image`."""
-    return processor.post_process_generation(text, (image.height, image.width))
+    return processor.post_process_generation(text, image)
 
 
 def draw_answer(image: PIL.Image.Image, grounded: GroundedText, truth: list[float] | None = None) -> PIL.Image.Image:

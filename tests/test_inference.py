@@ -1,6 +1,8 @@
 """The shared inference path (`modeling_sphinx.inference`): loading, batched answers, cached chats, drawing."""
 
 import json
+import os
+import re
 
 import pytest
 import torch
@@ -12,7 +14,9 @@ from modeling_sphinx.inference import (
     Chat,
     draw_answer,
     generate_answers,
+    load_model,
     load_pretrained,
+    load_processor,
     read_answer,
     user_turn,
 )
@@ -84,7 +88,7 @@ def test_a_batch_answers_as_each_conversation_alone(loaded):
 
 
 def test_loading_explains_what_is_missing(tmp_path, tiny_model_dir):
-    with pytest.raises(ValueError, match="is neither a model folder nor a Hub model that loads") as missing:
+    with pytest.raises(ValueError, match="model folder '.*nowhere' does not exist") as missing:
         load_pretrained(str(tmp_path / "nowhere"))
     assert "\n" not in str(missing.value)
     config_only = tmp_path / "config-only"
@@ -94,6 +98,47 @@ def test_loading_explains_what_is_missing(tmp_path, tiny_model_dir):
         load_pretrained(str(config_only))
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, got 'int8'"):
         load_pretrained(str(tiny_model_dir("sphinx")), dtype="int8")
+
+
+@pytest.mark.parametrize("name", ["/abs/missing", "./missing", "runs/demo/best", "~/missing-model", "missing"])
+def test_a_name_that_looks_like_a_path_is_a_missing_folder_before_any_request(name, monkeypatch):
+    """A path that does not exist is reported as a missing folder at once: the Hub is never asked (its client
+    would retry for minutes on a machine without network)."""
+    import huggingface_hub
+
+    def no_request(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_request)
+    with pytest.raises(ValueError, match=rf"model folder {re.escape(repr(name))} does not exist"):
+        load_pretrained(name)
+
+
+def test_a_folder_or_file_that_is_not_a_model_says_so(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a folder but not a model folder: it has no config.json"):
+        load_model(str(tmp_path / "folder"))
+    with pytest.raises(ValueError, match="is a file; a model is a folder or a Hub id"):
+        load_processor(str(tmp_path / "file"))
+
+
+def test_a_runs_folder_name_is_local_once_its_first_folder_exists(tmp_path, monkeypatch):
+    """`runs/tiny` is also a well-formed Hub id: it is a local path where `runs/` exists."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ValueError, match="model folder 'runs/tiny' does not exist"):
+        load_pretrained("runs/tiny")
+
+
+def test_a_truncated_weights_file_is_an_incomplete_folder(tmp_path, tiny_model_dir):
+    import shutil
+
+    folder = shutil.copytree(tiny_model_dir("sphinx"), tmp_path / "model")
+    weights = folder / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    with pytest.raises(ValueError, match="'.*model' is not a complete model folder: .*deserializing header"):
+        load_model(str(folder))
 
 
 def test_read_and_draw_an_answer(loaded):

@@ -85,11 +85,22 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return write_atomic(path, lambda staging: staging.write_text(text))
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def refuse_non_empty(out_dir: str | Path) -> Path:
     """`out_dir`, or a `ValueError` if it exists and holds anything: long commands call this before their work."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output folder {str(out_dir)!r} is a file; choose a new path")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"output folder {str(out_dir)!r} exists and is not empty; choose a new path")
+    for parent in out_dir.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"output folder {str(out_dir)!r}: {str(parent)!r} is a file, not a folder")
     return out_dir
 
 
@@ -110,6 +121,7 @@ def atomic_output_dir(out_dir: str | Path, needed_bytes: int | None = None):
     remove_abandoned_staging(out_dir)
     prefix = f".{out_dir.name}.{os.getpid()}-"
     staging = Path(tempfile.mkdtemp(prefix=prefix, suffix=STAGING_SUFFIX, dir=out_dir.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the model from other users (a server's)
     try:
         yield staging
         if out_dir.exists():
