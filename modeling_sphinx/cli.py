@@ -276,6 +276,8 @@ def check_eval(args):
     from .evaluation import read_task_rows
 
     read_task_rows(args.task, args.data)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; give a folder for the predictions and metrics")
     if args.record_in_card and not Path(args.model).is_dir():
         raise ValueError("--record-in-card writes into a local model folder's README.md")
     check_loading(args)
@@ -316,7 +318,7 @@ def convert_arguments(parser):
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--verify", action="store_true", help="reload, compare every tensor, run one forward")
     parser.add_argument("--max-shard-size", default="5GB")
-    parser.add_argument("--encoder-sizes", help="JSON of non-released encoder sizes, in the original's terms")
+    parser.add_argument("--encoder-sizes", help="JSON file of non-released encoder sizes, in the original's terms")
 
 
 def run_convert(args):

@@ -134,6 +134,8 @@ BAD_INPUT = {
     "eval empty data": (["eval", "TINY", "--task", "vqa", "--data", "empty.jsonl"], "no rows to evaluate"),
     "eval data of the wrong format": (["eval", "TINY", "--task", "vqa", "--data", "file.txt"], "unknown data format"),
     "eval data without the columns": (["eval", "TINY", "--task", "rec", "--data", "vqa.jsonl"], "missing columns"),
+    "eval into a file": (["eval", "TINY", "--task", "vqa", "--data", "vqa.jsonl", "--out", "file.txt"], "is a file"),
+    "convert missing encoder sizes": (["convert", "plain", "out", "--encoder-sizes", "x.json"], "'x.json' does not"),
     "mix into a file": (["mix", "recipe.yaml", "file.txt"], "'file.txt' is a file"),
     "mix a folder as recipe": (["mix", "plain", "out"], "is a folder; give the YAML file"),
     "mix an empty recipe": (["mix", "empty.yaml", "out"], "(it is empty)"),

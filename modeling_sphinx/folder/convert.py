@@ -321,8 +321,8 @@ def _read_json(path: Path) -> dict:
         raise ConversionError(f"{path.parent}: missing {path.name}")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConversionError(f"{path}: not valid JSON ({error})") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConversionError(f"{path}: not valid JSON ({error})") from None
 
 
 def _shard_paths(folder: Path) -> list[Path]:
@@ -442,6 +442,8 @@ def convert_checkpoint(
     """Convert an original SPHINX release folder `src` into a Hugging Face model folder `out`."""
     torch_dtype = dtype_named(dtype)
     if isinstance(encoder_sizes, (str, Path)):
+        if not Path(encoder_sizes).is_file():
+            raise ConversionError(f"encoder sizes file {str(encoder_sizes)!r} does not exist")
         encoder_sizes = _read_json(Path(encoder_sizes))
     original = read_original(src)
     tokenizer = tokenizer_from_sentencepiece(Path(src) / "tokenizer.model")
