@@ -1,6 +1,6 @@
-"""The README stays a README: short, every page under docs/ linked from it, every link it makes resolves, and its
-usage example runs as written after the main job; so does the example of the model card every saved folder
-carries."""
+"""The README stays a README: short, every page under docs/ linked from it, every link it makes resolves; its usage
+example and the inference page's run as written after the main job, and so does the example of the model card
+every saved folder carries."""
 
 import os
 import re
@@ -33,13 +33,19 @@ def test_the_pages_under_docs_link_only_what_exists():
 
 
 @pytest.mark.slow
-def test_the_usage_example_runs_after_the_main_job(quick_demo, tmp_path):
-    """The README's first Python block, run as written from a folder where `runs/demo` is the (quick) main job's."""
+@pytest.mark.parametrize("page", ["README.md", "docs/inference.md"])
+def test_the_usage_examples_run_after_the_main_job(quick_demo, tmp_path, page):
+    """The first Python block of the README and of the inference page, run as written from a folder whose
+    `runs/demo` holds the (quick) main job's model and data."""
     out, _, _ = quick_demo
-    (tmp_path / "runs").mkdir()
-    (tmp_path / "runs" / "demo").symlink_to(out)
-    run = run_first_python_block(README.read_text(), tmp_path)
-    assert run.stdout.strip(), "the example prints the answer and its boxes"
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    for name in ("best", "data"):
+        (tmp_path / "runs" / "demo" / name).symlink_to(out / name)
+    run = run_first_python_block((REPO / page).read_text(), tmp_path)
+    if page == "README.md":
+        assert run.stdout.strip(), "the example prints the answer and its boxes"
+    else:
+        assert (tmp_path / "runs" / "demo" / "answer.png").is_file()
 
 
 @pytest.mark.slow
