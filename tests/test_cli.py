@@ -248,6 +248,6 @@ def test_ctrl_c_at_the_interactive_prompt_ends_quietly_with_130(tiny_model_dir, 
         shown += chat.stdout.read1(100)
     assert b"an empty line or Ctrl-D ends the conversation" in shown
     chat.send_signal(signal.SIGINT)
-    _, err = chat.communicate(timeout=60)
-    err = err.decode()
+    chat.wait(timeout=60)  # with stdin still open: closing it first would end the conversation by EOF instead
+    err = chat.stderr.read().decode()
     assert chat.returncode == 130 and "Traceback" not in err and "error" not in err
