@@ -188,6 +188,7 @@ class FakeEngine(http.server.BaseHTTPRequestHandler):
         """Quiet: the test reads the replies, not a line per request on stderr."""
 
 
+@pytest.mark.slow
 def test_the_openai_client_request_reproduces_generates_answer_and_boxes(quick_demo):
     from openai import OpenAI
 
