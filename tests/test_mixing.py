@@ -237,6 +237,13 @@ def test_bad_recipes(trio, tmp_path):
     )
 
 
+def written_recipe(path: Path, a: Path, b: Path, weight: str) -> Path:
+    """A linear recipe whose first weight is `weight` as it is written in the YAML file."""
+    text = f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: {weight}}}\n"
+    path.write_text(text + f"  - model: {b}\n    parameters: {{weight: 0.5}}\n")
+    return path
+
+
 @pytest.mark.parametrize(
     ("written", "read"),
     [("5e-1", 0.5), ('"0.5"', 0.5), ("0.5", 0.5), ("[0.2, 8e-1]", None)],
@@ -244,9 +251,7 @@ def test_bad_recipes(trio, tmp_path):
 def test_a_weight_yaml_reads_as_a_string_is_the_number_it_spells(trio, tmp_path, written, read):
     """PyYAML reads `5e-1` as the string '5e-1' (YAML 1.1 wants a dot); the recipe means 0.5 and gets it."""
     a, b, _ = trio
-    text = f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: {written}}}\n"
-    text += f"  - model: {b}\n    parameters: {{weight: 0.5}}\n"
-    (tmp_path / "recipe.yaml").write_text(text)
+    written_recipe(tmp_path / "recipe.yaml", a, b, written)
     recipe = Recipe.load(tmp_path / "recipe.yaml")
     weight = recipe.models[0][1]["weight"]
     assert weight == (read if read is not None else [0.2, 0.8])
@@ -260,9 +265,7 @@ def test_a_weight_yaml_reads_as_a_string_is_the_number_it_spells(trio, tmp_path,
 @pytest.mark.parametrize("written", [".nan", ".inf", "-.inf", "nan", "'inf'", "heavy", "true", "{a: 1}"])
 def test_a_weight_that_is_not_a_finite_number_is_refused_naming_the_model_and_writes_nothing(trio, tmp_path, written):
     a, b, _ = trio
-    text = f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: {written}}}\n"
-    text += f"  - model: {b}\n    parameters: {{weight: 0.5}}\n"
-    (tmp_path / "recipe.yaml").write_text(text)
+    written_recipe(tmp_path / "recipe.yaml", a, b, written)
     with pytest.raises(
         RecipeError, match=rf"model {re.escape(str(a))}: parameter 'weight' must be a (finite )?number"
     ):
