@@ -520,6 +520,12 @@ COMMANDS = (
 )
 
 
+DESCRIPTION = "SPHINX multimodal models: make, convert, mix, fine-tune, evaluate, chat with, serve and publish them."
+DEBUG_VARIABLE = "SPHINX_MLLM_DEBUG"
+# a missing, unreadable or misplaced file or folder that the user named: bad input, not a failure of the package
+USER_PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with the package's error format: one line, the command named, exit status 2."""
 
@@ -562,18 +568,13 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="sphinx-mllm", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser = Parser(prog="sphinx-mllm", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=version())
     parser.add_argument(
         "--debug", action="store_true", help=f"show the traceback of a failure (or set {DEBUG_VARIABLE}=1)"
     )
     add_commands(parser, COMMANDS, "command_name", required=True)
     return parser
-
-
-DEBUG_VARIABLE = "SPHINX_MLLM_DEBUG"
-# a missing, unreadable or misplaced file or folder that the user named: bad input, not a failure of the package
-USER_PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def one_line(error: BaseException) -> str:
