@@ -241,7 +241,15 @@ def test_ctrl_c_at_the_interactive_prompt_ends_quietly_with_130(tiny_model_dir, 
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     argv = [str(CONSOLE_SCRIPT), "chat", str(tiny_model_dir("sphinx")), "--image", str(IMAGES / "chelsea.png")]
-    chat = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    # a shell's background job ignores SIGINT, and a child would inherit that: give it the default, as a terminal does
+    chat = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     shown = b""
     while b"human> " not in shown and time.monotonic() < deadline:
