@@ -48,8 +48,9 @@ MODEL_FOLDER_SOURCES = "sphinx-mllm init, convert, mix, train or the demo write 
 
 def local_model_folder(name: str) -> Path | None:
     """The local model folder `name` names, or None when it is a Hub id. A name that exists must be a folder with a
-    `config.json`; one that looks like a path (absolute, relative with `.`, `~`, more than one `/`, or under a
-    folder that exists here) and does not exist is reported as missing, with no request to the Hub."""
+    `config.json`; one that looks like a path (absolute, starting with `.` or `~`, without exactly one `/`, under a
+    folder that exists here, or no valid repo id) and does not exist is reported as missing, with no request to the
+    Hub."""
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
