@@ -46,6 +46,7 @@ import modeling_sphinx  # noqa: F401  (first: its import guard must come before 
 
 # isort: split
 from transformers import TrainerCallback
+from transformers.generation.streamers import BaseStreamer
 
 from modeling_sphinx.folder.atomic import write_text_atomic
 
@@ -291,15 +292,39 @@ def recorded_inputs(reference: dict, config) -> tuple[torch.Tensor, torch.Tensor
     return ids, pixels
 
 
+class StepClock(BaseStreamer):
+    """Stamps the host clock each time `generate` hands over tokens: once for the prompt, once after the prefill,
+    then once per decode step. Handing tokens over copies them to the host, so each stamp waits for the device."""
+
+    def __init__(self, ctx: Context):
+        self.ctx, self.stamps = ctx, []
+
+    def put(self, value):
+        self.ctx.sync()
+        self.stamps.append(time.perf_counter())
+
+    def end(self):
+        """Nothing is held back to flush."""
+
+    def decode_steps(self) -> list[float]:
+        return [later - earlier for earlier, later in zip(self.stamps[1:], self.stamps[2:], strict=False)]
+
+
 def decode_seconds_per_token(ctx: Context, model, inputs: dict, **generation) -> float:
-    """Greedy decode time per token: `max_new_tokens=n+1` minus `max_new_tokens=1`, over n."""
-    n = ctx.scale.decode_tokens
-
-    def run(new):
-        return lambda: model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, **generation)
-
+    """Median seconds of one greedy decode step (the prefill and its first token left out), over the n steps of each of
+    `repeats` calls with `max_new_tokens=n+1`, after one warm-up call. A median of steps is never negative, unlike
+    a difference of two whole `generate` timings, which on a loaded CPU can be."""
+    new = ctx.scale.decode_tokens + 1
+    steps = []
     with torch.inference_mode():
-        return (ctx.timed(run(n + 1)) - ctx.timed(run(1))) / n
+        for call in range(1 + ctx.scale.repeats):
+            clock = StepClock(ctx)
+            model.generate(
+                **inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=clock, **generation
+            )
+            if call:  # the first call warms up
+                steps.extend(clock.decode_steps())
+    return statistics.median(steps)
 
 
 def compile_settings(ctx: Context) -> dict:

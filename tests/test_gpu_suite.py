@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -100,6 +101,30 @@ def test_judging_a_full_size_report():
     assert "| eager decode / plain LLaMA eager | 0.99 | >= 0.95 | met |" in lines
     assert "| encoders / one-image prefill | 0.47 | <= 0.25 | not met |" in lines
     assert "| LoRA 13B tokens/s | — | >= 4,500 | not measured |" in lines
+
+
+def test_decode_time_is_the_median_decode_step_without_the_prefill(monkeypatch):
+    sys.path.insert(0, str(SUITE.parent))
+    import gpu_suite
+
+    now = [0.0]
+    monkeypatch.setattr(gpu_suite.time, "perf_counter", lambda: now[0])
+
+    class Model:  # what `generate` does with a streamer: the prompt, the prefill's token, then one per step
+        calls = 0
+
+        def generate(self, max_new_tokens, streamer, **kwargs):
+            Model.calls += 1
+            streamer.put("prompt")
+            now[0] += 5.0  # the prefill
+            streamer.put("first token")
+            for step in range(max_new_tokens - 1):
+                now[0] += 0.5 if step == 1 and Model.calls == 2 else 0.1
+                streamer.put("token")
+
+    ctx = SimpleNamespace(scale=SimpleNamespace(decode_tokens=4, repeats=2), sync=lambda: None)
+    assert gpu_suite.decode_seconds_per_token(ctx, Model(), {}) == pytest.approx(0.1)
+    assert Model.calls == 3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the default run is the whole suite")
