@@ -426,9 +426,7 @@ def run_demo(args):
 
     results = run(args.out, quick=args.quick, force=args.force, seed=args.seed)
     print(format_report(results))
-    print(
-        f"best model, with the table in its card: {Path(args.out) / 'best'}; drawn answers: {args.out}/example_*.png"
-    )
+    print(f"the model, with the table in its card: {Path(args.out) / 'best'}; drawn answers: {args.out}/example_*.png")
 
 
 def run_ablations(args):

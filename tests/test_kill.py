@@ -136,11 +136,14 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-# the quick budget trains 12 + 12 caption steps, then 16 of stage 2 from the real parent: step 5 is inside the
-# first caption stage, step 30 inside that stage 2 (the re-run redoes the first caption stage from its step 1);
-# (step, the stage it dies in, what finishes after the previous kill and before this one)
+# the quick budget trains 12 caption steps on the real-like domain, 12 more continued on the synthetic one, then
+# 16 of stage 2 from their mix: step 5 is inside the first caption stage, step 30 inside stage 2 (the re-run redoes
+# the first caption stage from its step 1); (step, the stage it dies in, what finishes after the previous kill and
+# before this one)
 DEMO_KILLS = [(5, "stage1-real", ["init/model.safetensors"]),
-              (30, "stage2-real", ["stage1-real/model/model.safetensors", "stage1-synthetic/model/model.safetensors"])]  # fmt: skip
+              (30, "stage2-mix-beta=0.5", ["stage1-real/model/model.safetensors",
+                                           "stage1-synthetic/model/model.safetensors",
+                                           "mix-beta=0.5/model.safetensors"])]  # fmt: skip
 
 
 def test_demo_killed_redoes_only_its_unfinished_stage(quick_demo, tmp_path):

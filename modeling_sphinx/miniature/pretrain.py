@@ -77,9 +77,9 @@ QUICK_PRETRAINING = PretrainBudget(
 )
 
 
-def init_miniature(out: Path, seed: int = 0, encoders: tuple[str, ...] = ENCODERS) -> Path:
-    """Write a randomly initialised miniature (`world.MINIATURE`) with its tokenizer to `out`, reading through
-    `encoders` (all three by default; fewer for an ablation of the visual-embedding mix)."""
+def init_miniature(out: Path, seed: int = 0, encoders: tuple[str, ...] = ENCODERS, **overrides) -> Path:
+    """Write a randomly initialised miniature (`world.MINIATURE` with `overrides`) with its tokenizer to `out`,
+    reading through `encoders` (all three by default; fewer for an ablation of the visual-embedding mix)."""
     unknown = set(encoders) - set(ENCODERS)
     if unknown or not encoders:
         raise ValueError(f"encoders are one or more of {ENCODERS}, got {encoders}")
@@ -91,7 +91,8 @@ def init_miniature(out: Path, seed: int = 0, encoders: tuple[str, ...] = ENCODER
         # pieces learned from the template and the task prompts: the system prompt is 31 tokens, not 68
         tokenizer = Path(scratch) / "tokenizer.model"
         tokenizer.write_bytes(train_tiny_sentencepiece(vocab_size=MINIATURE_VOCABULARY))
-        return init_model("sphinx-1k", out, tiny=True, tokenizer_model=tokenizer, seed=seed, **MINIATURE | dropped)
+        config = MINIATURE | dropped | overrides
+        return init_model("sphinx-1k", out, tiny=True, tokenizer_model=tokenizer, seed=seed, **config)
 
 
 @dataclass

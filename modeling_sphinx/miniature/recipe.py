@@ -3,15 +3,19 @@
 - `Budget`: everything a run spends (images, steps, batch, learning rates), `FULL_BUDGET` and `QUICK_BUDGET`, and
   `claim`, which refuses a run folder made with another budget or seed;
 - the data: `write_split` (a domain's images and task files), `data_splits`, `mixture_file`;
-- the stages: `init_from_parts`, `caption_stage` (stage 1), `weight_mix`, `task_stage` (stage 2), `recipe_starts`
-  (the line of models up to the mix), `stage_two`;
-- scoring: `score` (held-out questions, per cell), `summarise` (scores with 95 % intervals), `compare` (a paired
-  difference), and the words both reports use (`format_table`, `verdict`).
+- the stages: `init_from_parts`, `caption_stage` (stage 1), `weight_mix`, `task_stage` (stage 2), `recipe_line`
+  (SPHINX's line of models up to the mix: real-like captions, the copy continued on synthetic ones, the mix),
+  `stage_two`;
+- scoring: `score` (held-out questions, per cell), `by_question_type` (VQA split by what it asks), `summarise`
+  (scores with 95 % intervals), `compare` (a paired difference), and the words both reports use
+  (`format_table`, `verdict`).
 
-Every stage writes its folder atomically and is reused when finished.
+Every stage writes its folder atomically and is reused when finished; a training stage's `stage.json` names the
+model it started from.
 """
 
 import json
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -28,9 +32,9 @@ class Budget:
     """Sizes, steps and learning rates of one demo run; each stage-2 start gets the same."""
 
     train_images: int  # per domain
-    eval_images: int  # per domain: 1.5 VQA questions and 1 grounding question each
-    caption_steps: int  # stage 1, per domain
-    task_steps: int  # stage 2, per start
+    eval_images: int  # per domain: 2 VQA questions (a shape's colour, the dot's) and 1 grounding question each
+    caption_steps: int  # stage 1, each leg: the real-like captions, then the synthetic continuation
+    task_steps: int  # stage 2
     beta: float = 0.5
     batch_size: int = 16
     caption_learning_rate: float = 2e-3
@@ -38,7 +42,7 @@ class Budget:
 
 
 # How these numbers were chosen, with the runs behind them, is in docs/miniature.md.
-FULL_BUDGET = Budget(train_images=800, eval_images=200, caption_steps=150, task_steps=600)
+FULL_BUDGET = Budget(train_images=800, eval_images=200, caption_steps=150, task_steps=1200)
 QUICK_BUDGET = Budget(train_images=64, eval_images=8, caption_steps=12, task_steps=16)
 
 
@@ -65,16 +69,15 @@ def write_split(root: Path, domain: str, first_seed: int, count: int) -> Path:
                 "kind": "shape colour",
             }
         )
-        if seed % 2 == 0:  # the dot is 7 px: at 112-px views only the sub-image crops see it at full size
-            vqa.append(
-                {
-                    "id": f"{seed}-dot",
-                    "image": name,
-                    "question": "What colour is the small dot?",
-                    "answer": dot["colour"],
-                    "kind": "dot colour",
-                }
-            )
+        vqa.append(  # the dot is seen at full size by the sub-image views only (`world.DOT`)
+            {
+                "id": f"{seed}-dot",
+                "image": name,
+                "question": "What colour is the small dot?",
+                "answer": dot["colour"],
+                "kind": "dot colour",
+            }
+        )
         grounding.append(
             {
                 "id": f"{seed}",
@@ -114,12 +117,6 @@ def write_split(root: Path, domain: str, first_seed: int, count: int) -> Path:
 
 # Stage 1 reads captions only; stage 2 samples its tasks with these weights, grounding most (it learns slowest).
 CAPTION_WEIGHTS = {"conversations": 1}
-
-
-CAPTION_WEIGHTS = {"conversations": 1}
-TASK_WEIGHTS = {"vqa": 2, "referring_expression": 4, "region_caption": 1, "detection": 1}
-
-
 TASK_WEIGHTS = {"vqa": 2, "referring_expression": 4, "region_caption": 1, "detection": 1}
 TASK_FILES = {
     "conversations": "captions.jsonl",
@@ -153,6 +150,10 @@ def _train(model: Path, mixture: Path, out: Path, steps: int, learning_rate: flo
     if (out / "model" / "config.json").is_file():
         return out / "model"
     shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    # which model the stage started from, relative to the run folder: the line of models, readable afterwards
+    start = {"start": os.path.relpath(model, out.parent), "mixture": mixture.name, "steps": steps}
+    (out / "stage.json").write_text(json.dumps(start, indent=2) + "\n")
     args = SphinxTuningArguments(
         model_name_or_path=str(model),
         mixture=str(mixture),
@@ -184,9 +185,10 @@ def _train(model: Path, mixture: Path, out: Path, steps: int, learning_rate: flo
     return train(args, config, progress=stage)
 
 
-def init_from_parts(out: Path, seed: int, encoders: tuple[str, ...] = ENCODERS) -> Path:
-    """The miniature with the package's pretrained parts (its `encoders` and the LLM); the projector and the
-    start/end embeddings keep their random initialisation from `seed`, for stage 1 to train."""
+def init_from_parts(out: Path, seed: int, encoders: tuple[str, ...] = ENCODERS, **overrides) -> Path:
+    """The miniature (with `overrides` of `world.MINIATURE`) with the package's pretrained parts (its `encoders`
+    and the LLM); the projector and the start/end embeddings keep their random initialisation from `seed`, for
+    stage 1 to train."""
     from ..folder.create import save_model_folder
     from ..inference import load_pretrained
     from .pretrain import init_miniature, load_parts
@@ -194,30 +196,41 @@ def init_from_parts(out: Path, seed: int, encoders: tuple[str, ...] = ENCODERS) 
     if (out / "config.json").is_file():
         return out
     with tempfile.TemporaryDirectory() as scratch:
-        random_init = init_miniature(Path(scratch) / "random", seed, encoders)
+        random_init = init_miniature(Path(scratch) / "random", seed, encoders, **overrides)
         processor, model = load_pretrained(str(random_init), dtype="float32")
     load_parts(model)
     return save_model_folder(model, processor, out, provenance={"kind": "pretrained parts"})
 
 
 def caption_stage(model: Path, split: Path, out: Path, budget: Budget, stage: str) -> Path:
-    """Stage 1: the LLM and projector trained on one domain's captions, the encoders frozen."""
+    """One leg of stage 1: the LLM and projector trained on one domain's captions from `model`, the encoders
+    frozen."""
     mixture = mixture_file(out.parent / f"{out.name}.yaml", [split], CAPTION_WEIGHTS)
     return _train(model, mixture, out, budget.caption_steps, budget.caption_learning_rate, budget, stage)
 
 
+# What stage 1 trains, and so what the mix mixes: the LLM, the projector and the image start/end embeddings (the
+# frozen encoders are the same in both). SPHINX's default (`mixing.DEFAULT_MIXED`) mixes the LLM alone and takes
+# the rest from the base model; with the continuation's projector left out, beta = 0 would not be the
+# synthetic model itself.
+STAGE_ONE_TENSORS = [r"^model\.language_model\.", r"^lm_head\.", r"^model\.visual_proj\.", r"^model\.(start|end)_img$"]
+
+
 def weight_mix(real: Path, synthetic: Path, beta: float, out: Path) -> Path:
-    """The paper's weight mix through `sphinx-mllm mix`: beta * real + (1 - beta) * synthetic."""
+    """The paper's weight mix through `sphinx-mllm mix`: beta * real + (1 - beta) * synthetic, over what stage 1
+    trained."""
     import yaml
 
     from ..mixing import mix
 
     if (out / "config.json").is_file():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
     recipe = out.parent / f"{out.name}.yaml"
     models = [{"model": str(real), "parameters": {"weight": beta}}]
     models.append({"model": str(synthetic), "parameters": {"weight": 1 - beta}})
-    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "base_model": str(real), "models": models}))
+    written = {"merge_method": "linear", "base_model": str(real), "mixed_tensors": STAGE_ONE_TENSORS, "models": models}
+    recipe.write_text(yaml.safe_dump(written))
     return mix(recipe, out)
 
 
@@ -239,9 +252,6 @@ def task_stage(
 
 
 # (eval task, file, longest answer in tokens): a box is about 20 tokens of the miniature's tokenizer
-EVALUATIONS = {"VQA": ("vqa", "vqa.jsonl", 8), "grounding": ("rec", "grounding.jsonl", 32)}
-
-
 EVALUATIONS = {"VQA": ("vqa", "vqa.jsonl", 8), "grounding": ("rec", "grounding.jsonl", 32)}
 # the ablations score every task stage 2 trains: a region's words, and a category's boxes (one per image here)
 EVERY_TASK = {
@@ -294,6 +304,21 @@ def score(
             outcomes[f"{name} {domain}"] = hits
             bar.update(len(records))
     return outcomes
+
+
+def by_question_type(outcomes: dict[str, list[float]], splits: dict[str, Path]) -> dict[str, list[float]]:
+    """`outcomes` with each domain's VQA cell split by what its questions ask ("shape colour real", "dot colour
+    real", from the `kind` of each row of `vqa.jsonl`); the other cells as they are."""
+    split_up = {}
+    for cell, hits in outcomes.items():
+        name, _, domain = cell.rpartition(" ")
+        if name != "VQA":
+            split_up[cell] = hits
+            continue
+        kinds = [json.loads(line)["kind"] for line in (splits[domain] / "vqa.jsonl").read_text().splitlines()]
+        for kind in dict.fromkeys(kinds):
+            split_up[f"{kind} {domain}"] = [hit for hit, of in zip(hits, kinds, strict=True) if of == kind]
+    return split_up
 
 
 def _questions(path: Path) -> int:
@@ -373,22 +398,27 @@ def data_splits(out: Path, budget: Budget, seed: int, held_out: int, first_held_
     return train, {d: write_split(data, d, first_held_out + 1000 * seed, held_out) for d in DOMAINS}
 
 
-def mix_name(budget: Budget) -> str:
-    return f"mix beta={budget.beta:g}"
+def mix_name(beta: float) -> str:
+    return f"mix beta={beta:g}"
 
 
-def recipe_starts(
-    root: Path, train: dict[str, Path], budget: Budget, seed: int, encoders=ENCODERS, label: str = ""
+def recipe_line(
+    root: Path, train: dict[str, Path], budget: Budget, seed: int, encoders=ENCODERS, label: str = "", **overrides
 ) -> dict[str, Path]:
-    """Stage 1 on each domain from the pretrained parts, then their weight mix: stage 2's starts, by name."""
-    init = init_from_parts(root / "init", seed, encoders)
-    parents = {
-        domain: caption_stage(
-            init, train[domain], root / f"stage1-{domain}", budget, f"stage 1{label}, {domain} captions"
-        )
-        for domain in DOMAINS
-    }
-    return {**parents, mix_name(budget): weight_mix(parents["real"], parents["synthetic"], budget.beta, root / "mix")}
+    """SPHINX's line of models up to the weight mix, by name: the pretrained parts (`init`); stage 1 on the
+    real-like captions (`real`); a copy of it continued on the synthetic captions (`synthetic`); their mix at the
+    budget's beta."""
+    init = init_from_parts(root / "init", seed, encoders, **overrides)
+    real = caption_stage(init, train["real"], root / "stage1-real", budget, f"stage 1{label}, real-like captions")
+    synthetic = caption_stage(
+        real, train["synthetic"], root / "stage1-synthetic", budget, f"stage 1{label}, continued on synthetic"
+    )
+    mixed = weight_mix(real, synthetic, budget.beta, root / mix_folder(budget.beta))
+    return {"init": init, "real": real, "synthetic": synthetic, mix_name(budget.beta): mixed}
+
+
+def mix_folder(beta: float) -> str:
+    return f"mix-beta={beta:g}"
 
 
 def stage_two(root: Path, start: str, folder: Path, train: dict[str, Path], budget: Budget, label: str = "") -> Path:

@@ -1,7 +1,7 @@
 """The miniature world of `sphinx-mllm demo`: generated scenes in two visual domains, their captions, and the
 geometry of the miniature SPHINX that reads them.
 
-A scene is one coloured shape (or two of distinct kinds and colours), 55-80 px, and a 7-px dot, on a 224 x 168
+A scene is one coloured shape (or two of distinct kinds and colours), 55-80 px, and a 14-px dot, on a 224 x 168
 image in a "real-like" domain (lit, noisy, cluttered, jittered colours, blurred) or a "synthetic" one (flat,
 clean). Everything follows from a seed and a domain, so no data files exist.
 """
@@ -15,6 +15,10 @@ COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 80, 220), 
 SHAPES = ("circle", "square", "triangle")
 DOMAINS = ("real", "synthetic")
 WIDTH, HEIGHT = 224, 168  # not square, so the padding to a square is part of every box
+# The small dot's side: half a 28-px patch's side in a sub-image view (the input at full size), a quarter in the
+# global view (halved). At 7 px, a linear probe of the pretrained encoders' token at the dot read its colour at
+# chance from the global view and 0.39-0.51 from a sub-image view; at 14 px, 0.29-0.40 and 0.48-0.82.
+DOT = 14
 
 
 def _shape(draw: ImageDraw.ImageDraw, kind: str, box: list[int], colour: tuple[int, int, int]):
@@ -28,7 +32,7 @@ def _shape(draw: ImageDraw.ImageDraw, kind: str, box: list[int], colour: tuple[i
 
 
 def render(seed: int, domain: str) -> tuple[Image.Image, list[dict], dict]:
-    """One scene: 1 shape (or 2 of distinct kinds and colours), 55-80 px, and a 7-px dot; `(image, shapes, dot)`."""
+    """One scene: 1 shape (or 2 of distinct kinds and colours), 55-80 px, and a `DOT`-px dot; `(image, shapes, dot)`."""
     rng = random.Random(f"{domain}-{seed}")
     if domain == "real":
         base = np.array([rng.randint(120, 200) for _ in range(3)], dtype=np.float32)
@@ -60,13 +64,13 @@ def render(seed: int, domain: str) -> tuple[Image.Image, list[dict], dict]:
         shapes.append({"kind": kind, "colour": colour, "box": box})
     dot_colour = colours[len(kinds)]
     for _ in range(50):
-        x, y = rng.randint(4, WIDTH - 11), rng.randint(4, HEIGHT - 11)
-        if all(x + 7 < t[0] or x > t[2] or y + 7 < t[1] or y > t[3] for t in taken):
+        x, y = rng.randint(4, WIDTH - DOT - 4), rng.randint(4, HEIGHT - DOT - 4)
+        if all(x + DOT < t[0] or x > t[2] or y + DOT < t[1] or y > t[3] for t in taken):
             break
-    draw.ellipse([x, y, x + 7, y + 7], fill=COLOURS[dot_colour])
+    draw.ellipse([x, y, x + DOT, y + DOT], fill=COLOURS[dot_colour])
     if domain == "real":
         image = image.filter(ImageFilter.GaussianBlur(0.6))
-    return image, shapes, {"colour": dot_colour, "box": [x, y, x + 7, y + 7]}
+    return image, shapes, {"colour": dot_colour, "box": [x, y, x + DOT, y + DOT]}
 
 
 MINIATURE_VOCABULARY = 768  # SentencePiece pieces of the miniature's tokenizer
