@@ -501,7 +501,7 @@ COMMANDS = (
         subcommands=(
             Command(
                 "ablations",
-                "the paper's task-mix and visual-embedding-mix ablations (reuses the main job's stages in --out)",
+                "the paper's four mixes as ablations: weights, tasks, encoders, scales (reuses the main job's stages)",
                 lambda parser: demo_options(parser, inherited=True),
                 run_ablations,
             ),
