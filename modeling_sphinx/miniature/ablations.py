@@ -163,19 +163,32 @@ def _tasks(run: Run) -> dict:
     steps = single_task_steps(run.budget)
     for name, task in TRAINED_TASK.items():
         label = f"{name} alone"
-        model = task_stage(run.line[run.mixed], list(run.train.values()), run.root / f"alone-{task}", run.budget,
-                           f"stage 2, {label}", weights={task: 1}, steps=steps[task])  # fmt: skip
+        model = task_stage(
+            run.line[run.mixed],
+            list(run.train.values()),
+            run.root / f"alone-{task}",
+            run.budget,
+            f"stage 2, {label}",
+            weights={task: 1},
+            steps=steps[task],
+        )
         found = score(
             model, run.held_out, run.root / "eval" / f"alone-{task}", f"eval, {label}", {name: EVERY_TASK[name]}
         )
         outcomes[ALONE].update(found)
         budgets[ALONE][name] = spent(model)
-    generic = task_stage(run.line[run.mixed], list(run.train.values()), run.root / "generic-instruction", run.budget,
-                         f"stage 2, {GENERIC}", prompt_template=GENERIC_INSTRUCTION)  # fmt: skip
+    generic = task_stage(
+        run.line[run.mixed],
+        list(run.train.values()),
+        run.root / "generic-instruction",
+        run.budget,
+        f"stage 2, {GENERIC}",
+        prompt_template=GENERIC_INSTRUCTION,
+    )
     outcomes[GENERIC] = run.score(generic, "generic-instruction", GENERIC, prompt_template=GENERIC_INSTRUCTION)
     budgets[GENERIC] = spent(generic)
-    return _ablation(outcomes, budgets, {f"{ALL_TASKS} - {ALONE}": (ALL_TASKS, ALONE),
-                                         f"{ALL_TASKS} - {GENERIC}": (ALL_TASKS, GENERIC)})  # fmt: skip
+    pairs = {f"{ALL_TASKS} - {ALONE}": (ALL_TASKS, ALONE), f"{ALL_TASKS} - {GENERIC}": (ALL_TASKS, GENERIC)}
+    return _ablation(outcomes, budgets, pairs)
 
 
 def _line_arm(run: Run, folder: str, arm: str, split_vqa: bool = False, **line_options) -> tuple[dict, dict, Path]:
@@ -187,10 +200,8 @@ def _line_arm(run: Run, folder: str, arm: str, split_vqa: bool = False, **line_o
 
 
 def _encoders(run: Run) -> dict:
-    outcomes, budgets = (
-        {THREE_ENCODERS: run.main_job(THREE_ENCODERS)},
-        {THREE_ENCODERS: line_budget(run.line, run.model)},
-    )
+    outcomes = {THREE_ENCODERS: run.main_job(THREE_ENCODERS)}
+    budgets = {THREE_ENCODERS: line_budget(run.line, run.model)}
     for encoder, name in ENCODER_ARMS.items():
         arm = f"{name} alone"
         outcomes[arm], budgets[arm], _ = _line_arm(run, f"encoder-{encoder}", arm, encoders=(encoder,))

@@ -158,7 +158,7 @@ def format_report(results: dict) -> str:
         reached = [f"{domain} {scores[f'{metric} {domain}']['score']:.2f}" for domain in DOMAINS]
         met = all(scores[f"{metric} {domain}"]["score"] >= target for domain in DOMAINS)
         lines.append(f"{metric} >= {target} on both domains: {', '.join(reached)}: {'met' if met else 'not met'}")
-    hits = sum(example["iou"] >= 0.5 for example in results.get("examples", []))
     if results.get("examples"):
+        hits = sum(example["iou"] >= 0.5 for example in results["examples"])
         lines.append(f"drawn answers: {hits} of {len(results['examples'])} hit (IoU >= 0.5)")
     return "\n".join(lines)

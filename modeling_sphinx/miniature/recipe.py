@@ -29,7 +29,7 @@ from .world import DOMAINS, SHAPES, caption, render
 
 @dataclass(frozen=True)
 class Budget:
-    """Sizes, steps and learning rates of one demo run; each stage-2 start gets the same."""
+    """Sizes, steps and learning rates of one demo run; every arm of the ablations gets the same."""
 
     train_images: int  # per domain
     eval_images: int  # per domain: 2 VQA questions (a shape's colour, the dot's) and 1 grounding question each

@@ -16,8 +16,7 @@ SHAPES = ("circle", "square", "triangle")
 DOMAINS = ("real", "synthetic")
 WIDTH, HEIGHT = 224, 168  # not square, so the padding to a square is part of every box
 # The small dot's side: half a 28-px patch's side in a sub-image view (the input at full size), a quarter in the
-# global view (halved). At 7 px, a linear probe of the pretrained encoders' token at the dot read its colour at
-# chance from the global view and 0.39-0.51 from a sub-image view; at 14 px, 0.29-0.40 and 0.48-0.82.
+# global view (halved); why 14 and not 7 is in docs/decisions.md
 DOT = 14
 
 
