@@ -1,0 +1,50 @@
+"""Weight mixing of SPHINX checkpoints from mergekit-style YAML recipes, streamed tensor by tensor.
+
+SPHINX mixes an LLM tuned on real-world data with one tuned on synthetic data, θ = β·θ_real + (1−β)·θ_syn over
+the LLM parameters: that is `merge_method: linear` with weights β and 1−β (see `recipes/mix/`). The recipe
+format is mergekit's:
+
+```yaml
+merge_method: ties            # one of METHODS
+base_model: path/to/base      # needed by the task-vector methods and slerp
+models:
+  - model: path/to/a
+    parameters: {weight: 0.5, density: 0.5}
+parameters: {normalize: true} # defaults for every model; per-model parameters win
+dtype: float32                # computation dtype (float32 or float64)
+out_dtype: bfloat16           # output dtype (default: each tensor's dtype in the base model)
+random_seed: 0                # DARE's random masks
+mixed_tensors: ['^model\\.language_model\\.', '^lm_head\\.']  # SPHINX: which tensors are mixed
+```
+
+A parameter value is a number, a list of numbers (a gradient over the decoder layers: anchors spread evenly
+from the first layer to the last, linearly interpolated; tensors before the layers take the first anchor,
+those after them the last), or a list of `{filter: substring, value: ...}` entries where the first entry whose
+filter occurs in the tensor name wins and an entry without `filter` is the default.
+
+Tensors not matched by `mixed_tensors` (by default the vision encoders, the projections and the start/end
+embeddings) are copied from the base model, or the first model without one. Every tensor of the inputs is in
+the output; this is checked before the output is published. The output's model card records the recipe with
+each model named by its Hub id or its folder's name, never a local path.
+
+The package, by role: `methods` (each method by its parts, and the mix of one tensor), `recipe` (the YAML read
+and checked), `engine` (the checkpoints opened, checked, mixed and written).
+"""
+
+from .engine import mix
+from .methods import METHODS, BaseRole, Combine, Method, RecipeError, Sparsify, mix_tensor
+from .recipe import DEFAULT_MIXED, Recipe, resolve_value
+
+__all__ = [
+    "DEFAULT_MIXED",
+    "METHODS",
+    "BaseRole",
+    "Combine",
+    "Method",
+    "Recipe",
+    "RecipeError",
+    "Sparsify",
+    "mix",
+    "mix_tensor",
+    "resolve_value",
+]
