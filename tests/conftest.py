@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
+from transformers import AutoModelForImageTextToText  # noqa: E402
 
 import modeling_sphinx  # noqa: E402,F401  (registers the Auto classes)
 from modeling_sphinx.folder.create import init_model  # noqa: E402
@@ -43,6 +44,23 @@ def tiny_model_dir(tmp_path_factory):
         return made[variant]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trio(tmp_path_factory):
+    """Three tiny SPHINX checkpoints of one architecture (different seeds), bfloat16 like real releases."""
+    root = tmp_path_factory.mktemp("mix")
+    folders = []
+    for seed in (1, 2, 3):
+        folder = init_model("sphinx", root / f"seed{seed}", tiny=True, seed=seed)
+        model = AutoModelForImageTextToText.from_pretrained(folder)
+        sharded = root / f"sharded{seed}"
+        model.to(torch.bfloat16).save_pretrained(sharded, max_shard_size="200KB")
+        for extra in folder.iterdir():
+            if extra.suffix in (".json", ".jinja", ".py") and not (sharded / extra.name).exists():
+                (sharded / extra.name).write_bytes(extra.read_bytes())
+        folders.append(sharded)
+    return folders
 
 
 @pytest.fixture(scope="session")

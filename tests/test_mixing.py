@@ -8,7 +8,7 @@ import torch
 import yaml
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForImageTextToText, pipeline
+from transformers import pipeline
 
 from modeling_sphinx.cli import main
 from modeling_sphinx.folder.create import init_model
@@ -17,9 +17,11 @@ from modeling_sphinx.mixing import (
     METHODS,
     BaseRole,
     Combine,
+    Consensus,
     Recipe,
     RecipeError,
     Sparsify,
+    Weighting,
     mix,
     mix_tensor,
     resolve_value,
@@ -29,23 +31,6 @@ from .helpers import IMAGES, image_message
 
 LLM_KEY = "model.language_model.layers.0.self_attn.q_proj.weight"
 VISION_KEY = "model.clip.blocks.0.attn.qkv.weight"
-
-
-@pytest.fixture(scope="module")
-def trio(tmp_path_factory):
-    """Three tiny SPHINX checkpoints of one architecture (different seeds), bfloat16 like real releases."""
-    root = tmp_path_factory.mktemp("mix")
-    folders = []
-    for seed in (1, 2, 3):
-        folder = init_model("sphinx", root / f"seed{seed}", tiny=True, seed=seed)
-        model = AutoModelForImageTextToText.from_pretrained(folder)
-        sharded = root / f"sharded{seed}"
-        model.to(torch.bfloat16).save_pretrained(sharded, max_shard_size="200KB")
-        for extra in folder.iterdir():
-            if extra.suffix in (".json", ".jinja", ".py") and not (sharded / extra.name).exists():
-                (sharded / extra.name).write_bytes(extra.read_bytes())
-        folders.append(sharded)
-    return folders
 
 
 def tensors(folder):
@@ -346,16 +331,23 @@ def _mix_one_tensor(name, base, models, overrides):
     return mix_tensor(Recipe(name, models=[]), "weight", base, models, [params] * len(models))
 
 
-@pytest.mark.parametrize("elect_sign", [False, True])
-@pytest.mark.parametrize("name", TASK_VECTOR_METHODS)
-def test_sign_election_follows_the_record(monkeypatch, name, elect_sign):
-    monkeypatch.setitem(METHODS, name, replace(METHODS[name], elect_sign=elect_sign))
+WEIGHTED_TASK_VECTOR_METHODS = [
+    name
+    for name in TASK_VECTOR_METHODS
+    if METHODS[name].weighting is Weighting.GIVEN and "weight" in METHODS[name].parameters
+]
+
+
+@pytest.mark.parametrize("consensus", [Consensus.ALL, Consensus.SIGN])
+@pytest.mark.parametrize("name", WEIGHTED_TASK_VECTOR_METHODS)
+def test_sign_election_follows_the_record(monkeypatch, name, consensus):
+    monkeypatch.setitem(METHODS, name, replace(METHODS[name], consensus=consensus))
     base = torch.zeros(8)
     up, down = torch.ones(8), torch.full((8,), -3.0)  # conflicting task vectors: the elected sign is negative
     everything = {"weight": 1.0, "density": 1.0, "gamma": 0.0, "normalize": True, "lambda": 1.0}
     mixed = _mix_one_tensor(name, base, [up, down], everything)
     # elected: only `down` agrees, divided by its own weight; otherwise the mean of both
-    assert torch.equal(mixed, torch.full((8,), -3.0 if elect_sign else -1.0))
+    assert torch.equal(mixed, torch.full((8,), -3.0 if consensus is Consensus.SIGN else -1.0))
 
 
 @pytest.mark.parametrize("name", TASK_VECTOR_METHODS)
@@ -368,16 +360,21 @@ def test_each_method_sparsifies_as_its_record_declares(name):
     kept = mixed != 0
     assert torch.equal(mixed[kept], delta[kept])  # survivors are untouched: one model, weight 1, no rescale
     sparsify = METHODS[name].sparsify
-    if sparsify is Sparsify.NONE:
+    if sparsify in (Sparsify.NONE, Sparsify.TOP_VARIANCE):  # one model varies nowhere: SCE selects by default all
         assert kept.all()
     elif sparsify is Sparsify.TOP_MAGNITUDE:  # the 500 largest
         assert torch.equal(kept, magnitude > 500)
     elif sparsify is Sparsify.BREADCRUMBS:  # the 100 largest dropped, the next 500 kept
         assert torch.equal(kept, (magnitude > 400) & (magnitude <= 900))
     else:
-        assert sparsify is Sparsify.DARE
+        assert sparsify.random
         assert 0.4 < kept.float().mean() < 0.6
         assert kept[magnitude <= 100].any() and not kept[magnitude > 900].all()  # random, not by magnitude
+        large, small = kept[magnitude > 500].float().mean(), kept[magnitude <= 500].float().mean()
+        if sparsify is Sparsify.MAGPRUNE:  # keep probabilities 0.35 to 0.65 by magnitude rank
+            assert large - small > 0.08
+        else:
+            assert abs(large - small) < 0.08
 
 
 @pytest.mark.parametrize("name", list(METHODS))

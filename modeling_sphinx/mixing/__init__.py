@@ -32,7 +32,7 @@ and checked), `engine` (the checkpoints opened, checked, mixed and written).
 """
 
 from .engine import mix
-from .methods import METHODS, BaseRole, Combine, Method, RecipeError, Sparsify, mix_tensor
+from .methods import METHODS, BaseRole, Combine, Consensus, Method, RecipeError, Sparsify, Weighting, mix_tensor
 from .recipe import DEFAULT_MIXED, Recipe, resolve_value
 
 __all__ = [
@@ -40,10 +40,12 @@ __all__ = [
     "METHODS",
     "BaseRole",
     "Combine",
+    "Consensus",
     "Method",
     "Recipe",
     "RecipeError",
     "Sparsify",
+    "Weighting",
     "mix",
     "mix_tensor",
     "resolve_value",

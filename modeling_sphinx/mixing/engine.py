@@ -14,7 +14,7 @@ import yaml
 from ..folder.atomic import atomic_output_dir
 from ..folder.dtypes import DTYPES
 from ..folder.shards import DECODER_SHAPE_FIELDS, LazyCheckpoint, StreamingShardWriter, parse_size
-from .methods import METHODS, BaseRole, Combine, RecipeError, mix_tensor
+from .methods import METHODS, BaseRole, RecipeError, check_parameters, mix_tensor
 from .recipe import Recipe, params_for
 
 # config fields that must agree for checkpoints to be mixed
@@ -107,18 +107,23 @@ def _open_inputs(recipe: Recipe) -> _Inputs:
                     f"{base_path} has {list(base.shape(key))}"
                 )
     spec = METHODS[recipe.merge_method]
-    if spec.base_role is BaseRole.LISTED_MODEL:
+    if spec.base_role is BaseRole.LISTED_MODEL or recipe.base_model is None:
         participants = [(checkpoints[path], params) for path, params in recipe.models]
     else:  # the base's task vector is zero: it is not a participant
         participants = [(checkpoints[path], params) for path, params in recipe.models if path != base_path]
-    if spec.combine is Combine.SLERP and len(participants) != 1:
-        raise RecipeError(
-            f"{recipe.merge_method} mixes the base_model with exactly one other model, got {len(participants)}"
-        )
-    if len(participants) < spec.min_models:
-        raise RecipeError(f"{recipe.merge_method} needs at least {spec.min_models} models besides the base")
+    _check_model_count(recipe.merge_method, spec, len(participants), besides_base=recipe.base_model is not None)
     _check_tokenizers(list(configs))
     return _Inputs(base, configs[base_path], participants)
+
+
+def _check_model_count(method: str, spec, count: int, besides_base: bool):
+    low, high = spec.min_models, spec.max_models
+    if low <= count and (high is None or count <= high):
+        return
+    wanted = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+    models = "model" if (high or low) == 1 else "models"
+    where = " besides the base_model" if besides_base and spec.base_role is not BaseRole.LISTED_MODEL else ""
+    raise RecipeError(f"{method} mixes {wanted} {models}{where}, got {count}")
 
 
 def _check_tokenizers(folders: list[Path]):
@@ -135,7 +140,7 @@ def _check_tokenizers(folders: list[Path]):
 
 def _plan_parameters(recipe: Recipe, inputs: _Inputs, mixed: list[str], num_layers: int) -> dict[str, list[dict]]:
     """Every mixed tensor's resolved parameters, validated before anything is written."""
-    plan = {}
+    spec, plan = METHODS[recipe.merge_method], {}
     for name in mixed:
         params = [params_for(recipe, p, name, num_layers) for _, p in inputs.participants] or [
             params_for(recipe, {}, name, num_layers)
@@ -144,8 +149,7 @@ def _plan_parameters(recipe: Recipe, inputs: _Inputs, mixed: list[str], num_laye
             for key, value in values.items():
                 if value is None:
                     raise RecipeError(f"model {checkpoint.folder}: parameter {key!r} has no value for tensor {name}")
-                if key in ("density", "gamma", "t") and not 0 <= float(value) <= 1:
-                    raise RecipeError(f"model {checkpoint.folder}: {key} must be in [0, 1] for {name}, got {value}")
+            check_parameters(spec, values, f"model {checkpoint.folder}, tensor {name}")
         if params[0].get("normalize"):  # only methods with weights have `normalize`
             total = sum(float(p["weight"]) for p in params)
             if abs(total) < 1e-6:

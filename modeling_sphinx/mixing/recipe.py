@@ -10,7 +10,7 @@ from huggingface_hub.dataclasses import strict
 
 from ..folder.dtypes import DTYPES
 from ..schema import read, read_yaml_file, ruled, suggest
-from .methods import METHODS, Method, RecipeError
+from .methods import METHODS, SWITCHES, Method, RecipeError
 
 RECIPE_SHAPE = "a recipe is a mapping with merge_method, models and parameters"
 DEFAULT_MIXED = [r"^model\.language_model\.", r"^lm_head\."]
@@ -124,9 +124,6 @@ class Recipe:
             mixed_tensors=list(mixed),
             source=recipe,
         )
-
-
-SWITCHES = ("normalize", "rescale")  # the parameters that are true or false; all others are numbers
 
 
 def _checked_parameters(params: dict, spec: Method, method: str, where: str) -> dict:
