@@ -355,6 +355,30 @@ def run_mix(args):
     print(f"mixed {args.recipe} into {out}")
 
 
+def extract_lora_arguments(parser):
+    parser.add_argument("base", help="the base SPHINX model folder")
+    parser.add_argument("tuned", help="a fine-tune of it, of the same architecture")
+    parser.add_argument("out", help="output folder for the PEFT adapter (must not exist or be empty)")
+    parser.add_argument("--rank", type=positive, default=32, help="the adapter's rank per linear layer")
+
+
+def run_extract_lora(args):
+    from .mixing.extract_lora import extract_lora
+
+    summary = extract_lora(args.base, args.tuned, args.out, rank=args.rank)
+    for module, layer in summary["layers"].items():
+        print(f"{module}: rank {layer['rank']}, kept energy {layer['kept_energy']:.6f}")
+    overall = summary["overall_kept_energy"]
+    print(
+        f"extracted {len(summary['layers'])} layers at rank {args.rank} into {args.out}"
+        + (f", kept energy {overall:.6f} overall" if overall is not None else "")
+    )
+    if summary["carried_modules"]:
+        print(f"carried whole (modules_to_save): {', '.join(summary['carried_modules'])}")
+    for name, difference in summary["not_carried"].items():
+        print(f"left out (PEFT cannot save it): {name}, relative difference {difference:.3g}")
+
+
 def train_arguments(parser):
     parser.add_argument("config", help="recipe YAML: SphinxTuningArguments and TRL SFTConfig fields")
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="e.g. --max-steps 10 --output-dir runs/x")
@@ -484,6 +508,14 @@ COMMANDS = (
         run_mix,
         needs_models=False,
         check=check_mix,
+    ),
+    Command(
+        "extract-lora",
+        "a PEFT LoRA adapter of the difference between a fine-tune and its base (truncated SVD)",
+        extract_lora_arguments,
+        run_extract_lora,
+        needs_models=False,
+        check=check_output,
     ),
     Command(
         "train",
