@@ -342,9 +342,9 @@ def mix_arguments(parser):
 
 
 def check_mix(args):
-    from .mixing import Recipe
+    from .mixing import load_recipe
 
-    Recipe.load(args.recipe)
+    load_recipe(args.recipe)
     check_output(args)
 
 

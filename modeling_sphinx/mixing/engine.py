@@ -1,21 +1,28 @@
-"""The mix of whole checkpoints: the inputs opened and checked, every tensor's parameters planned before anything
-is written, the tensors streamed into the output folder, and the card."""
+"""The mix of whole checkpoints: the inputs opened and checked (text-only donors among them), every tensor's
+parameters planned before anything is written, the tensors streamed into the output folder, and the card. A
+recipe of stages runs its stages in order, each earlier stage's output a hidden folder next to the output that is
+removed once no later stage reads it (and in any case at the end, or on failure)."""
 
 import json
+import logging
 import math
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from ..folder.atomic import atomic_output_dir
+from ..folder.atomic import STAGING_SUFFIX, atomic_output_dir, refuse_non_empty, remove_abandoned_staging
 from ..folder.dtypes import DTYPES
 from ..folder.shards import DECODER_SHAPE_FIELDS, LazyCheckpoint, StreamingShardWriter, parse_size
+from .donor import TextDonor, is_text_only
 from .methods import METHODS, BaseRole, RecipeError, check_parameters, mix_tensor
-from .recipe import Recipe, params_for
+from .recipe import Recipe, StagedRecipe, load_recipe, params_for, part_of
+
+logger = logging.getLogger(__name__)
 
 # config fields that must agree for checkpoints to be mixed
 ARCHITECTURE_FIELDS = (
@@ -39,6 +46,7 @@ class _Inputs:
     base: LazyCheckpoint
     base_config: dict
     participants: list[tuple[LazyCheckpoint, dict]]
+    checkpoints: dict[Path, "LazyCheckpoint | TextDonor"]
 
 
 def _load_config(folder: Path) -> dict:
@@ -81,15 +89,24 @@ def _open_inputs(recipe: Recipe) -> _Inputs:
         if not folder.is_dir():
             raise RecipeError(f"model {folder}: folder does not exist")
         configs[folder] = _load_config(folder)
+    if is_text_only(configs[base_path]):
+        role = "the base_model" if recipe.base_model else "the first model (there is no base_model)"
+        raise RecipeError(
+            f"model {base_path}: a text-only {configs[base_path]['model_type']} cannot be {role}: the towers and "
+            "projectors come from it; make a SPHINX folder the base_model"
+        )
+    donors = [folder for folder, config in configs.items() if is_text_only(config)]
     reference = (base_path, configs[base_path])
     for folder, config in configs.items():
-        _check_same_architecture(reference, (folder, config))
+        if folder not in donors:
+            _check_same_architecture(reference, (folder, config))
     checkpoints = {}
     for folder in configs:
-        try:
-            checkpoints[folder] = LazyCheckpoint(folder)
-        except ValueError as error:
-            raise RecipeError(f"model {folder}: {error}") from error
+        if folder not in donors:
+            try:
+                checkpoints[folder] = LazyCheckpoint(folder)
+            except ValueError as error:
+                raise RecipeError(f"model {folder}: {error}") from error
     base = checkpoints[base_path]
     keys = set(base.tensor_names())
     for folder, checkpoint in checkpoints.items():
@@ -106,14 +123,21 @@ def _open_inputs(recipe: Recipe) -> _Inputs:
                     f"model {folder}: {what}tensor {key} has shape {list(checkpoint.shape(key))}, "
                     f"{base_path} has {list(base.shape(key))}"
                 )
+    _check_tokenizers([folder for folder in configs if folder not in donors])
+    for folder in donors:
+        donor = checkpoints[folder] = TextDonor(folder, configs[folder], base, configs[base_path])
+        if not donor.vocabulary_matches(base_path):
+            raise RecipeError(f"model {folder}: its tokenizer vocabulary differs from {base_path}'s")
+    for part, setting in recipe.parts.items():
+        if setting.source in donors and part != "language_model":
+            raise RecipeError(f"parts: {part}: from {setting.source}, a text-only LLM, which has no {part}")
     spec = METHODS[recipe.merge_method]
     if spec.base_role is BaseRole.LISTED_MODEL or recipe.base_model is None:
         participants = [(checkpoints[path], params) for path, params in recipe.models]
     else:  # the base's task vector is zero: it is not a participant
         participants = [(checkpoints[path], params) for path, params in recipe.models if path != base_path]
     _check_model_count(recipe.merge_method, spec, len(participants), besides_base=recipe.base_model is not None)
-    _check_tokenizers(list(configs))
-    return _Inputs(base, configs[base_path], participants)
+    return _Inputs(base, configs[base_path], participants, checkpoints)
 
 
 def _check_model_count(method: str, spec, count: int, besides_base: bool):
@@ -159,13 +183,51 @@ def _plan_parameters(recipe: Recipe, inputs: _Inputs, mixed: list[str], num_laye
 
 
 def mix(recipe: "str | Path | dict | Recipe", out_dir: str | Path, max_shard_size: str | int = "2GB") -> Path:
-    """Mix the recipe's models into `out_dir` (sharded safetensors, config, processor, remote code, card)."""
-    if not isinstance(recipe, Recipe):
-        recipe = Recipe.load(recipe)
+    """Mix the recipe's models into `out_dir` (sharded safetensors, config, processor, remote code, card); a recipe
+    of `stages` runs them in order, the last one into `out_dir`."""
+    loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)  # every stage checked before any runs
+    if isinstance(loaded, Recipe):
+        return _mix(loaded, Path(out_dir), max_shard_size, [(None, loaded)])
+    out_dir = refuse_non_empty(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_staging(out_dir)
+    prefix = f".{out_dir.name}.{os.getpid()}-stages-"
+    intermediate = Path(tempfile.mkdtemp(prefix=prefix, suffix=STAGING_SUFFIX, dir=out_dir.parent))
+    try:
+        staged = load_recipe(recipe, intermediate)
+        for name, stage in staged.stages:
+            for folder in _inputs_of(stage):
+                if folder.parent != intermediate and not folder.is_dir():
+                    raise RecipeError(f"stages: stage {name!r}: model {folder}: folder does not exist")
+        for index, (name, stage) in enumerate(staged.stages):
+            last = index == len(staged.stages) - 1
+            logger.info("stage %d of %d: %s (%s)", index + 1, len(staged.stages), name, stage.merge_method)
+            _mix(stage, out_dir if last else intermediate / name, max_shard_size, staged.stages if last else None)
+            _remove_unread(intermediate, staged, index)
+        return out_dir
+    finally:
+        shutil.rmtree(intermediate, ignore_errors=True)
+
+
+def _inputs_of(recipe: Recipe) -> set[Path]:
+    setting_sources = {setting.source for setting in recipe.parts.values()}
+    return {recipe.base_model, *(path for path, _ in recipe.models), *setting_sources} - {None}
+
+
+def _remove_unread(intermediate: Path, staged: StagedRecipe, done: int):
+    """Remove the outputs of stages up to `done` that no later stage reads."""
+    still_read = set().union(*(_inputs_of(stage) for _, stage in staged.stages[done + 1 :]))
+    for name, _ in staged.stages[: done + 1]:
+        folder = intermediate / name
+        if folder.exists() and folder not in still_read:
+            shutil.rmtree(folder)
+
+
+def _mix(recipe: Recipe, out_dir: Path, max_shard_size, card_stages: list | None) -> Path:
+    """One recipe into `out_dir`; `card_stages` (name, recipe) pairs go into the card (none: no card)."""
     inputs = _open_inputs(recipe)
     names = inputs.base.tensor_names()
-    patterns = [re.compile(p) for p in recipe.mixed_tensors]
-    mixed = [n for n in names if any(p.search(n) for p in patterns)]
+    mixed = [n for n in names if recipe.mixes(n)]
     num_layers = inputs.base_config.get("text_config", {}).get("num_hidden_layers", 1)
     plan = _plan_parameters(recipe, inputs, mixed, num_layers)
     compute = DTYPES[recipe.dtype]
@@ -178,15 +240,16 @@ def mix(recipe: "str | Path | dict | Recipe", out_dir: str | Path, max_shard_siz
     with atomic_output_dir(out_dir, needed_bytes=needed) as staging:
         writer = StreamingShardWriter(staging, layout, parse_size(max_shard_size))
         for name in names:
-            base_tensor = inputs.base.get(name)
             out_dtype = layout[name][1]
             if name in plan:
                 tensors = [checkpoint.get(name) for checkpoint, _ in inputs.participants]
-                result = mix_tensor(recipe, name, base_tensor, tensors, plan[name], compute, out_dtype)
+                result = mix_tensor(recipe, name, inputs.base.get(name), tensors, plan[name], compute, out_dtype)
                 del tensors
                 writer.write(name, result)
             else:
-                writer.write(name, base_tensor.to(out_dtype))
+                setting = recipe.parts.get(part_of(name))
+                source = inputs.checkpoints[setting.source] if setting and setting.source else inputs.base
+                writer.write(name, source.get(name).to(out_dtype))
         writer.finish()
         dropped = sorted(set(names) - writer.written_names())
         if dropped:
@@ -194,8 +257,9 @@ def mix(recipe: "str | Path | dict | Recipe", out_dir: str | Path, max_shard_siz
         for path in inputs.base.folder.iterdir():
             if path.is_file() and not WEIGHT_FILES.fullmatch(path.name) and path.name != "README.md":
                 shutil.copy2(path, staging / path.name)
-        _write_card(staging, recipe)
-    return Path(out_dir)
+        if card_stages:
+            _write_card(staging, card_stages)
+    return out_dir
 
 
 def _card_reference(written, folder: Path) -> str:
@@ -205,9 +269,9 @@ def _card_reference(written, folder: Path) -> str:
     return hub_reference(written) or Path(os.path.abspath(folder)).name  # abspath: `..` resolved, links kept
 
 
-def _write_card(folder: Path, recipe: Recipe):
-    from ..folder.card import write_model_card
-
+def _card_source(recipe: Recipe, stage_names: set[str]) -> tuple[dict, list[str]]:
+    """The recipe as written, each model named by its Hub id or folder name (an earlier stage by its name), and the
+    models it names that are not earlier stages."""
     source = dict(recipe.source)
     if source.get("base_model"):
         source["base_model"] = _card_reference(source["base_model"], recipe.base_model)
@@ -216,10 +280,30 @@ def _write_card(folder: Path, recipe: Recipe):
             {**entry, "model": _card_reference(entry["model"], path)}
             for entry, (path, _) in zip(source["models"], recipe.models, strict=True)
         ]
-    bases = [source["base_model"]] if source.get("base_model") else []
-    bases += [entry["model"] for entry in source.get("models", [])]
+    if source.get("parts"):
+        source["parts"] = {
+            part: {**entry, "from": _card_reference(entry["from"], recipe.parts[part].source)}
+            if isinstance(entry, dict) and "from" in entry
+            else entry
+            for part, entry in source["parts"].items()
+        }
+    named = [source["base_model"]] if source.get("base_model") else []
+    named += [entry["model"] for entry in source.get("models", [])]
+    return source, [model for model in named if model not in stage_names]
+
+
+def _write_card(folder: Path, stages: list[tuple[str | None, Recipe]]):
+    from ..folder.card import write_model_card
+
+    names, sources, bases = {name for name, _ in stages}, [], []
+    for name, recipe in stages:
+        source, external = _card_source(recipe, names)
+        sources.append(source if name is None else {"name": name, **source})
+        bases += external
+    written = sources[0] if len(stages) == 1 and stages[0][0] is None else {"stages": sources}
+    method = " then ".join(recipe.merge_method for _, recipe in stages)
     write_model_card(
         folder,
-        provenance={"kind": "mixed", "method": recipe.merge_method, "recipe": yaml.safe_dump(source, sort_keys=False)},
+        provenance={"kind": "mixed", "method": method, "recipe": yaml.safe_dump(written, sort_keys=False)},
         base_models=list(dict.fromkeys(bases)),
     )

@@ -1,5 +1,6 @@
-"""Mixing recipes: the YAML as written (`RecipeFile`), checked and resolved (`Recipe`), and each parameter's
-value for one tensor (filters, then gradients over the layers)."""
+"""Mixing recipes: the YAML as written (`RecipeFile`), checked and resolved (`Recipe`, or `StagedRecipe` for a
+recipe of `stages`), SPHINX's parts and their settings, and each parameter's value for one tensor (the part's,
+the model's or the global one; filters, then gradients over the layers)."""
 
 import math
 import re
@@ -14,6 +15,18 @@ from .methods import METHODS, SWITCHES, Method, RecipeError
 
 RECIPE_SHAPE = "a recipe is a mapping with merge_method, models and parameters"
 DEFAULT_MIXED = [r"^model\.language_model\.", r"^lm_head\."]
+# SPHINX's parts by tensor name; a recipe's `parts` sets each one apart (mixed with its own parameters, or taken
+# whole from one model)
+PARTS = {
+    "language_model": r"^(model\.language_model\.|lm_head\.)",
+    "clip": r"^model\.clip\.",
+    "convnext": r"^model\.convnext\.",
+    "dinov2": r"^model\.dinov2\.",
+    "qformer": r"^model\.qformer\.",
+    "projectors": r"^model\.(visual_proj|qformer_proj)\.",
+    "image_boundaries": r"^model\.(start_img|end_img)$",
+}
+PART_SHAPE = "parts maps a part name to {{parameters: {{...}}}} or {{from: MODEL}}, got {value!r}"
 
 
 def _is_path(value) -> bool:
@@ -58,9 +71,26 @@ class RecipeFile:
         "mixed_tensors is a list of regular expressions, got {value!r}", default_factory=lambda: list(DEFAULT_MIXED)
     )
     random_seed: int = ruled("random_seed is an integer, got {value!r}", lambda v: not isinstance(v, bool), default=0)
+    parts: dict | None = ruled(PART_SHAPE, default=None)
 
 
-# config fields that must agree for checkpoints to be mixed
+@strict
+@dataclass
+class PartEntry:
+    """One entry of a recipe's `parts`: the part mixed with these parameters, or taken whole from one model."""
+
+    parameters: dict | None = ruled("parameters of a part must be a mapping, got {value!r}", default=None)
+    source: str | None = ruled("from names the base_model or one of the models, got {value!r}", default=None)
+
+
+@dataclass(frozen=True)
+class PartSetting:
+    parameters: dict | None = None  # mixed with these, winning over the models' and the global parameters
+    source: Path | None = None  # taken whole from this model
+
+
+def part_of(name: str) -> str | None:
+    return next((part for part, pattern in PARTS.items() if re.search(pattern, name)), None)
 
 
 @dataclass
@@ -73,12 +103,21 @@ class Recipe:
     out_dtype: str | None = None
     random_seed: int = 0
     mixed_tensors: list[str] = field(default_factory=lambda: list(DEFAULT_MIXED))
+    parts: dict[str, PartSetting] = field(default_factory=dict)
     source: dict = field(default_factory=dict)
 
+    def mixes(self, name: str) -> bool:
+        """Whether tensor `name` is mixed: its part's setting if the recipe has one, else `mixed_tensors`."""
+        setting = self.parts.get(part_of(name))
+        if setting is not None:
+            return setting.source is None
+        return any(re.search(pattern, name) for pattern in self.mixed_tensors)
+
     @classmethod
-    def load(cls, recipe: "str | Path | dict") -> "Recipe":
-        """Parse and check a recipe (a YAML file or a dict); relative model paths are relative to the file."""
-        root = Path.cwd()
+    def load(cls, recipe: "str | Path | dict", root: Path | None = None, named: dict | None = None) -> "Recipe":
+        """Parse and check a recipe (a YAML file or a dict); relative model paths are relative to the file (or to
+        `root`); a model written as one of `named`'s keys (an earlier stage) is that path."""
+        root = root or Path.cwd()
         if isinstance(recipe, (str, Path)):
             root = Path(recipe).parent
             recipe = read_yaml_file(recipe, "recipe file", RecipeError, RECIPE_SHAPE)
@@ -86,8 +125,11 @@ class Recipe:
             raise RecipeError(RECIPE_SHAPE)
         written = read(RecipeFile, recipe, RecipeError, unknown="unknown recipe key {value!r}")
         method, spec = written.merge_method, METHODS[written.merge_method]
+        named = named or {}
 
         def resolve(p):
+            if p in named:
+                return named[p]
             p = Path(p)
             return p if p.is_absolute() else (root / p)
 
@@ -113,6 +155,11 @@ class Recipe:
                 re.compile(pattern)
             except re.error as error:
                 raise RecipeError(f"mixed_tensors: {pattern!r} is not a valid regular expression: {error}") from error
+        inputs = [base] if base else []
+        inputs += [path for path, _ in models]
+        parts = {}
+        for part, entry in (written.parts or {}).items():
+            parts[part] = _part_setting(part, entry, spec, method, inputs, resolve)
         return cls(
             merge_method=method,
             models=models,
@@ -122,8 +169,70 @@ class Recipe:
             out_dtype=written.out_dtype,
             random_seed=seed,
             mixed_tensors=list(mixed),
+            parts=parts,
             source=recipe,
         )
+
+
+def _part_setting(part, entry, spec: Method, method: str, inputs: list[Path], resolve) -> PartSetting:
+    if part not in PARTS:
+        raise RecipeError(f"parts: unknown part {part!r}{suggest(str(part), PARTS)}; known: {list(PARTS)}")
+    if not isinstance(entry, dict):
+        raise RecipeError(f"parts: {part}: {PART_SHAPE.format(value=entry)}")
+    entry = {("source" if key == "from" else key): value for key, value in entry.items()}
+    unknown = f"parts: {part}: unknown key {{value!r}}, a part takes parameters or from"
+    written = read(PartEntry, entry, RecipeError, unknown=unknown)
+    if (written.parameters is None) == (written.source is None):
+        raise RecipeError(f"parts: {part}: give either parameters (mix it) or from (take it whole), not both")
+    if written.source is None:
+        return PartSetting(parameters=_checked_parameters(written.parameters, spec, method, f"part {part}"))
+    source = resolve(written.source)
+    if source not in inputs:
+        raise RecipeError(
+            f"parts: {part}: from {written.source!r} is not the base_model or one of the models; name one of them"
+        )
+    return PartSetting(source=source)
+
+
+@dataclass
+class StagedRecipe:
+    """A recipe of `stages`: each stage a recipe with a `name`, whose output later stages may name as a model."""
+
+    stages: list[tuple[str, Recipe]]
+    source: dict
+
+
+STAGES_SHAPE = "stages is a list of recipes, each with a name, the last one giving the output; got {value!r}"
+
+
+def load_recipe(recipe: "str | Path | dict", intermediate: Path | None = None) -> "Recipe | StagedRecipe":
+    """A recipe, or a recipe of `stages` whose stage outputs (but the last) are named folders under
+    `intermediate` (by default a placeholder: the paths are only checked)."""
+    root = Path.cwd()
+    if isinstance(recipe, (str, Path)):
+        root = Path(recipe).parent
+        recipe = read_yaml_file(recipe, "recipe file", RecipeError, RECIPE_SHAPE)
+    if not isinstance(recipe, dict) or "stages" not in recipe:
+        return Recipe.load(recipe, root=root)
+    if set(recipe) != {"stages"}:
+        raise RecipeError(f"a recipe of stages has only the key stages, got also {sorted(set(recipe) - {'stages'})}")
+    stages = recipe["stages"]
+    if not isinstance(stages, list) or not stages or not all(isinstance(stage, dict) for stage in stages):
+        raise RecipeError(STAGES_SHAPE.format(value=stages))
+    intermediate = intermediate or Path("(intermediate)")
+    named, loaded = {}, []
+    for index, stage in enumerate(stages, 1):
+        name = stage.get("name")
+        if not isinstance(name, str) or not name or "/" in name or name in named:
+            what = "is used twice" if name in named else "must be a non-empty name without '/'"
+            raise RecipeError(f"stages: stage {index}: name {what}, got {name!r}")
+        body = {key: value for key, value in stage.items() if key != "name"}
+        try:
+            loaded.append((name, Recipe.load(body, root=root, named=dict(named))))
+        except RecipeError as error:
+            raise RecipeError(f"stages: stage {name!r}: {error}") from None
+        named[name] = intermediate / name
+    return StagedRecipe(loaded, recipe)
 
 
 def _checked_parameters(params: dict, spec: Method, method: str, where: str) -> dict:
@@ -202,11 +311,15 @@ def resolve_value(value, name: str, num_layers: int):
 
 
 def params_for(recipe: Recipe, model_params: dict, name: str, num_layers: int) -> dict:
+    """Every parameter of the recipe's method for one model and tensor: the part's value, else the model's, else the
+    global one, else the method's default."""
     spec = METHODS[recipe.merge_method]
+    setting = recipe.parts.get(part_of(name))
+    scopes = ((setting.parameters or {}) if setting else {}, model_params, recipe.parameters)
     resolved = {}
     for key, default in spec.parameter_defaults.items():
         value = None
-        for source in (model_params, recipe.parameters):
+        for source in scopes:
             if key in source:
                 value = resolve_value(source[key], name, num_layers)
                 if value is not None:
