@@ -1,4 +1,4 @@
-"""Declared schemas for the package's YAML files: mixing recipes (`mixing.RecipeFile`) and task mixtures
+"""Declared schemas for the package's YAML files: mixing recipes (`mixing.recipe.RecipeFile`) and task mixtures
 (`training.mixtures.MixtureFile`), and the one reader of those files and of training configs (`read_yaml_file`).
 
 A schema is a strict dataclass (huggingface_hub's `@strict`): each field's annotation says what the key holds and
