@@ -368,10 +368,9 @@ def run_extract_lora(args):
     summary = extract_lora(args.base, args.tuned, args.out, rank=args.rank)
     for module, layer in summary["layers"].items():
         print(f"{module}: rank {layer['rank']}, kept energy {layer['kept_energy']:.6f}")
-    overall = summary["overall_kept_energy"]
     print(
-        f"extracted {len(summary['layers'])} layers at rank {args.rank} into {args.out}"
-        + (f", kept energy {overall:.6f} overall" if overall is not None else "")
+        f"extracted {len(summary['layers'])} layers at rank {args.rank} into {args.out}, kept energy "
+        f"{summary['overall_kept_energy']:.6f} overall"
     )
     if summary["carried_modules"]:
         print(f"carried whole (modules_to_save): {', '.join(summary['carried_modules'])}")

@@ -3,10 +3,12 @@
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
 from modeling_sphinx.cli import main
@@ -88,13 +90,27 @@ def test_the_summary_reports_each_layer_and_what_is_left_out(pair, tmp_path):
     assert "library_name: peft" in card and "rank 4" in card
 
 
+def norms_only(base, tmp_path):
+    """A copy of `base` whose final norm alone differs."""
+    tuned = tmp_path / "norms-only"
+    shutil.copytree(base, tuned)
+    weights = load_file(tuned / "model.safetensors")
+    weights["model.language_model.norm.weight"] += 0.5
+    save_file(weights, tuned / "model.safetensors", metadata={"format": "pt"})
+    return tuned
+
+
 def test_bad_inputs_are_one_line_and_exit_2(pair, tmp_path, capsys):
     base, tuned = pair
     other = init_model("sphinx", tmp_path / "other", tiny=True)  # the tiny preset: another width
     cases = [
         ([str(base), str(tmp_path / "missing"), str(tmp_path / "a")], "tuned model folder .* does not exist"),
         ([str(base), str(other), str(tmp_path / "b")], "has shape .* in the tuned model .* but .* in the base"),
-        ([str(base), str(base), str(tmp_path / "c")], "leaves nothing to extract"),
+        (
+            [str(base), str(base), str(tmp_path / "c")],
+            r"leaves no LLM linear layer to extract .*\(no tensor differs\)",
+        ),
+        ([str(base), str(norms_only(base, tmp_path)), str(tmp_path / "e")], r"only \['model.language_model.norm'\]"),
         ([str(base), str(tuned), str(tmp_path / "d"), "--rank", "0"], "--rank"),
     ]
     capsys.readouterr()
@@ -103,7 +119,7 @@ def test_bad_inputs_are_one_line_and_exit_2(pair, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "Traceback" not in err
         assert re.search(message, err), err
-    assert not any(path.name in "abcd" for path in tmp_path.iterdir())
+    assert not any(path.name in "abcde" for path in tmp_path.iterdir())
     with pytest.raises(ExtractionError, match="model_type is 'llama', not 'sphinx'"):
         (tmp_path / "llama").mkdir()
         (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')

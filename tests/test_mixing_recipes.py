@@ -35,11 +35,11 @@ def linear(*models, **extra) -> dict:
     return {"merge_method": "linear", "models": entries, "out_dtype": "float32", **extra}
 
 
-def text_only(sphinx: Path, out: Path, vocabulary: int | None = None, drop: str | None = None) -> Path:
+def text_only(sphinx: Path, out: Path, vocabulary=None, drop: str | None = None, config: dict | None = None) -> Path:
     """The LLM of a SPHINX folder as a plain LLaMA/Mixtral folder: `model.X` names, no `<image>` row (or
-    `vocabulary` rows), without the tensors matching `drop`."""
-    config = json.loads((sphinx / "config.json").read_text())
-    image_token = config["image_token_id"]
+    `vocabulary` rows), without the tensors matching `drop`, `config` changed."""
+    sphinx_config = json.loads((sphinx / "config.json").read_text())
+    image_token = sphinx_config["image_token_id"]
     weights = {}
     for name, tensor in tensors(sphinx).items():
         if not name.startswith(("model.language_model.", "lm_head.")) or (drop and re.search(drop, name)):
@@ -49,7 +49,7 @@ def text_only(sphinx: Path, out: Path, vocabulary: int | None = None, drop: str 
         weights[name.replace("model.language_model.", "model.")] = tensor.to(torch.bfloat16).contiguous()
     out.mkdir()
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-    text = {**config["text_config"], "vocab_size": vocabulary or image_token, "architectures": ["LlamaForCausalLM"]}
+    text = {**sphinx_config["text_config"], "vocab_size": vocabulary or image_token, **(config or {})}
     (out / "config.json").write_text(json.dumps(text))
     shutil.copy(sphinx / "tokenizer.json", out / "tokenizer.json")
     return out
@@ -110,7 +110,9 @@ def test_a_part_takes_a_gradient_over_the_layers(trio, tmp_path):
         ({"clips": {"from": "A"}}, "parts: unknown part 'clips' \\(did you mean 'clip'\\?\\)"),
         ({"clip": {"from": "A", "parameters": {}}}, "parts: clip: give either parameters .* or from .*, not both"),
         ({"clip": {"from": "elsewhere"}}, "parts: clip: from 'elsewhere' is not the base_model or one of the models"),
-        ({"clip": {"form": "A"}}, "parts: clip: unknown key 'form'"),
+        ({"clip": {"form": "A"}}, "parts: clip: unknown key 'form' \\(did you mean 'from'\\?\\)"),
+        ({"clip": {"source": "A"}}, "parts: clip: unknown key 'source'"),
+        ({"clip": {}}, "parts: clip: give either parameters .* or from .*, not neither"),
         ({"clip": {"parameters": {"wieght": 1}}}, "unknown parameter 'wieght' for linear in part clip"),
         ({"clip": "A"}, "parts: clip: parts maps a part name to"),
         (["clip"], "parts maps a part name to"),
@@ -270,10 +272,16 @@ def test_each_intermediate_is_removed_once_no_later_stage_reads_it(trio, tmp_pat
     ("stages", "message"),
     [
         (lambda a, b: [{"name": "x", **linear(a, b)}, {"name": "x", **linear(a, b)}], "name is used twice"),
-        (lambda a, b: [linear(a, b)], "stage 1: name must be a non-empty name"),
+        (lambda a, b: [linear(a, b)], "stage 1: name must be letters, digits"),
+        (lambda a, b: [{"name": "..", **linear(a, b)}], r"stage 1: name must be .*, got '\.\.'"),
+        (lambda a, b: [{"name": ["x"], **linear(a, b)}], r"stage 1: name must be .*, got \['x'\]"),
+        (
+            lambda a, b: [{"name": "x", **linear(a, b)}, {"name": "y", **linear(a, b)}],
+            "stage 'x': no later stage reads it",
+        ),
         (lambda a, b: [{"name": "x", **linear(a, b), "merge_method": "lienar"}], "stage 'x': unknown merge_method"),
         (
-            lambda a, b: [{"name": "x", **linear(a, b)}, {"name": "y", **linear(a, "z")}],
+            lambda a, b: [{"name": "x", **linear(a, b)}, {"name": "y", **linear("x", "z")}],
             "stage 'y': model .*z: folder",
         ),
         (lambda a, b: "x", "stages is a list of recipes"),

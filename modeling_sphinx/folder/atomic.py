@@ -104,6 +104,21 @@ def refuse_non_empty(out_dir: str | Path) -> Path:
     return out_dir
 
 
+def staging_folder(out_dir: str | Path, label: str = "", needed_bytes: int | None = None) -> Path:
+    """A new hidden folder next to `out_dir` for what becomes it (`.OUT.PID-LABEL….partial`, removed by the next
+    writer of `out_dir` if this process dies), once `out_dir` is free and, with `needed_bytes`, the space is there."""
+    out_dir = refuse_non_empty(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if needed_bytes and (free := shutil.disk_usage(out_dir.parent).free) < needed_bytes:
+        raise ValueError(
+            f"{out_dir}: not enough space: it needs about {human_size(needed_bytes)} and {out_dir.parent} has "
+            f"{human_size(free)} free"
+        )
+    remove_abandoned_staging(out_dir)
+    prefix = f".{out_dir.name}.{os.getpid()}-{label}"
+    return Path(tempfile.mkdtemp(prefix=prefix, suffix=STAGING_SUFFIX, dir=out_dir.parent))
+
+
 @contextmanager
 def atomic_output_dir(out_dir: str | Path, needed_bytes: int | None = None):
     """Yield a temporary folder next to `out_dir` that becomes `out_dir` only if the block completes.
@@ -111,16 +126,9 @@ def atomic_output_dir(out_dir: str | Path, needed_bytes: int | None = None):
     `needed_bytes`, the size of what will be written, is checked against the free space first; a filesystem
     that fills up anyway ends in a `ValueError` naming `out_dir` and the space needed, with nothing left behind.
     """
-    out_dir = refuse_non_empty(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
     needs = f"about {human_size(needed_bytes)}" if needed_bytes else "more"
-    if needed_bytes and (free := shutil.disk_usage(out_dir.parent).free) < needed_bytes:
-        raise ValueError(
-            f"{out_dir}: not enough space: it needs {needs} and {out_dir.parent} has {human_size(free)} free"
-        )
-    remove_abandoned_staging(out_dir)
-    prefix = f".{out_dir.name}.{os.getpid()}-"
-    staging = Path(tempfile.mkdtemp(prefix=prefix, suffix=STAGING_SUFFIX, dir=out_dir.parent))
+    staging = staging_folder(out_dir, needed_bytes=needed_bytes)
     staging.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the model from other users (a server's)
     try:
         yield staging

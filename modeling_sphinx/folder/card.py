@@ -40,6 +40,12 @@ def hub_reference(name: str | None) -> str | None:
     return None
 
 
+def model_reference(written, folder: str | Path | None = None) -> str:
+    """How a card names a model given as `written` (found at `folder`, by default `written`): its Hub id as
+    written, else only its folder's name, never a local path."""
+    return hub_reference(str(written)) or Path(os.path.abspath(folder or written)).name  # abspath: `..` resolved
+
+
 def _is_local_path(value) -> bool:
     """An absolute path, or a relative one with a folder in it that exists here (a bare name is just a name, and
     multi-line text such as a recipe is not a path)."""

@@ -20,6 +20,8 @@ from .methods import RecipeError
 
 TEXT_ONLY_TYPES = ("llama", "mixtral")
 LANGUAGE_MODEL = "model.language_model."
+# what the tensors' shapes do not show; compared where both configs give it
+COMPARED_FIELDS = ("num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps")
 NOT_WEIGHTS = re.compile(r"rotary_emb\.inv_freq$")  # buffers some older exports saved
 
 
@@ -37,8 +39,8 @@ def _layers(names) -> int:
 
 
 class TextDonor:
-    """`folder`'s LLM tensors under SPHINX's names, the base's tensors for the rest; the interface of a
-    `LazyCheckpoint` (`folder`, `tensor_names`, `shape`, `dtype`, `get`)."""
+    """`folder`'s LLM tensors under SPHINX's names, the base's tensors for the rest, read like a `LazyCheckpoint`'s
+    (`folder`, `get`)."""
 
     def __init__(self, folder: Path, config: dict, base: LazyCheckpoint, base_config: dict):
         self.folder, self.base = folder, base
@@ -55,6 +57,12 @@ class TextDonor:
         own = [name for name in self.checkpoint.tensor_names() if not NOT_WEIGHTS.search(name)]
         self.names = {sphinx_name(name): name for name in own}
         self._check(base_config)
+        text_config = base_config.get("text_config", {})
+        for key in COMPARED_FIELDS:
+            if key in config and key in text_config and config[key] != text_config[key]:
+                raise RecipeError(
+                    f"model {folder}: {key} is {config[key]}, the base's language model has {text_config[key]}"
+                )
 
     def _check(self, base_config: dict):
         ours = [
@@ -90,15 +98,6 @@ class TextDonor:
                     f"{base_shape}{vocabulary}"
                 )
 
-    def tensor_names(self) -> list[str]:
-        return self.base.tensor_names()
-
-    def shape(self, name: str):
-        return self.base.shape(name)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.checkpoint.dtype(self.names[name]) if name in self.names else self.base.dtype(name)
-
     def get(self, name: str) -> torch.Tensor:
         if name not in self.names:
             return self.base.get(name)
@@ -110,11 +109,18 @@ class TextDonor:
     def vocabulary_matches(self, base_folder: Path) -> bool:
         """Whether the donor's tokenizer gives the ids below its vocabulary size the base's tokens (true when
         either has no tokenizer.json to compare)."""
-        paths = self.folder / "tokenizer.json", base_folder / "tokenizer.json"
-        if not all(path.is_file() for path in paths):
+        theirs, ours = vocabulary(self.folder), vocabulary(base_folder)
+        if theirs is None or ours is None:
             return True
-        theirs, ours = (json.loads(path.read_text()).get("model", {}).get("vocab") or {} for path in paths)
-        if not isinstance(theirs, dict) or not isinstance(ours, dict):
-            return theirs == ours
         size = self.checkpoint.shape(self.names[LANGUAGE_MODEL + "embed_tokens.weight"])[0]
         return {k: v for k, v in ours.items() if v < size} == {k: v for k, v in theirs.items() if v < size}
+
+
+def vocabulary(folder: Path) -> dict | None:
+    """The token → id table of the folder's tokenizer.json (a Unigram model's `[token, score]` list by position),
+    or None without one."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    table = json.loads(path.read_text()).get("model", {}).get("vocab") or {}
+    return table if isinstance(table, dict) else {entry[0]: index for index, entry in enumerate(table)}

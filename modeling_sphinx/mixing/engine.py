@@ -6,19 +6,17 @@ removed once no later stage reads it (and in any case at the end, or on failure)
 import json
 import logging
 import math
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from ..folder.atomic import STAGING_SUFFIX, atomic_output_dir, refuse_non_empty, remove_abandoned_staging
+from ..folder.atomic import atomic_output_dir, staging_folder
 from ..folder.dtypes import DTYPES
 from ..folder.shards import DECODER_SHAPE_FIELDS, LazyCheckpoint, StreamingShardWriter, parse_size
-from .donor import TextDonor, is_text_only
+from .donor import TextDonor, is_text_only, vocabulary
 from .methods import METHODS, BaseRole, RecipeError, check_parameters, mix_tensor
 from .recipe import Recipe, StagedRecipe, load_recipe, params_for, part_of
 
@@ -151,14 +149,10 @@ def _check_model_count(method: str, spec, count: int, besides_base: bool):
 
 
 def _check_tokenizers(folders: list[Path]):
-    vocabularies = {}
-    for folder in folders:
-        path = folder / "tokenizer.json"
-        if path.is_file():
-            vocabularies[folder] = json.loads(path.read_text()).get("model", {}).get("vocab")
+    vocabularies = {folder: table for folder in folders if (table := vocabulary(folder)) is not None}
     items = list(vocabularies.items())
-    for folder, vocab in items[1:]:
-        if vocab != items[0][1]:
+    for folder, table in items[1:]:
+        if table != items[0][1]:
             raise RecipeError(f"model {folder}: its tokenizer vocabulary differs from {items[0][0]}'s")
 
 
@@ -188,15 +182,12 @@ def mix(recipe: "str | Path | dict | Recipe", out_dir: str | Path, max_shard_siz
     loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)  # every stage checked before any runs
     if isinstance(loaded, Recipe):
         return _mix(loaded, Path(out_dir), max_shard_size, [(None, loaded)])
-    out_dir = refuse_non_empty(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned_staging(out_dir)
-    prefix = f".{out_dir.name}.{os.getpid()}-stages-"
-    intermediate = Path(tempfile.mkdtemp(prefix=prefix, suffix=STAGING_SUFFIX, dir=out_dir.parent))
+    out_dir = Path(out_dir)
+    intermediate = staging_folder(out_dir, label="stages-")
     try:
         staged = load_recipe(recipe, intermediate)
         for name, stage in staged.stages:
-            for folder in _inputs_of(stage):
+            for folder in stage.inputs():
                 if folder.parent != intermediate and not folder.is_dir():
                     raise RecipeError(f"stages: stage {name!r}: model {folder}: folder does not exist")
         for index, (name, stage) in enumerate(staged.stages):
@@ -209,18 +200,13 @@ def mix(recipe: "str | Path | dict | Recipe", out_dir: str | Path, max_shard_siz
         shutil.rmtree(intermediate, ignore_errors=True)
 
 
-def _inputs_of(recipe: Recipe) -> set[Path]:
-    setting_sources = {setting.source for setting in recipe.parts.values()}
-    return {recipe.base_model, *(path for path, _ in recipe.models), *setting_sources} - {None}
-
-
 def _remove_unread(intermediate: Path, staged: StagedRecipe, done: int):
-    """Remove the outputs of stages up to `done` that no later stage reads."""
-    still_read = set().union(*(_inputs_of(stage) for _, stage in staged.stages[done + 1 :]))
-    for name, _ in staged.stages[: done + 1]:
+    """Remove the outputs of the intermediate stages up to `done` that no later stage reads."""
+    still_read = set().union(*(stage.inputs() for _, stage in staged.stages[done + 1 :]))
+    for name, _ in staged.stages[: min(done + 1, len(staged.stages) - 1)]:
         folder = intermediate / name
-        if folder.exists() and folder not in still_read:
-            shutil.rmtree(folder)
+        if folder.parent == intermediate and folder.exists() and folder not in still_read:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _mix(recipe: Recipe, out_dir: Path, max_shard_size, card_stages: list | None) -> Path:
@@ -262,27 +248,22 @@ def _mix(recipe: Recipe, out_dir: Path, max_shard_size, card_stages: list | None
     return out_dir
 
 
-def _card_reference(written, folder: Path) -> str:
-    """How a card names a recipe's model: its Hub id as written, else only the folder's name, never a local path."""
-    from ..folder.card import hub_reference
-
-    return hub_reference(written) or Path(os.path.abspath(folder)).name  # abspath: `..` resolved, links kept
-
-
 def _card_source(recipe: Recipe, stage_names: set[str]) -> tuple[dict, list[str]]:
+    from ..folder.card import model_reference
+
     """The recipe as written, each model named by its Hub id or folder name (an earlier stage by its name), and the
     models it names that are not earlier stages."""
     source = dict(recipe.source)
     if source.get("base_model"):
-        source["base_model"] = _card_reference(source["base_model"], recipe.base_model)
+        source["base_model"] = model_reference(source["base_model"], recipe.base_model)
     if "models" in source:
         source["models"] = [
-            {**entry, "model": _card_reference(entry["model"], path)}
+            {**entry, "model": model_reference(entry["model"], path)}
             for entry, (path, _) in zip(source["models"], recipe.models, strict=True)
         ]
     if source.get("parts"):
         source["parts"] = {
-            part: {**entry, "from": _card_reference(entry["from"], recipe.parts[part].source)}
+            part: {**entry, "from": model_reference(entry["from"], recipe.parts[part].source)}
             if isinstance(entry, dict) and "from" in entry
             else entry
             for part, entry in source["parts"].items()

@@ -24,7 +24,6 @@ from the tuned model as they are written, and the folder appears only when compl
 import json
 import logging
 import math
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -71,13 +70,6 @@ class Extraction:
     layers: dict[str, ExtractedLayer] = field(default_factory=dict)  # module name → factors
     carried_modules: list[str] = field(default_factory=list)
     not_carried: dict[str, float] = field(default_factory=dict)  # tensor name → ‖ΔW‖ / ‖W_base‖
-
-
-def model_reference(given: str | Path) -> str:
-    """How the adapter names a model: its Hub id as given, else only its folder's name, never a local path."""
-    from ..folder.card import hub_reference
-
-    return hub_reference(str(given)) or Path(os.path.abspath(given)).name  # abspath: `..` resolved, links kept
 
 
 def _open_model(folder: str | Path, role: str) -> LazyCheckpoint:
@@ -176,6 +168,8 @@ def _compare(base: LazyCheckpoint, tuned: LazyCheckpoint, rank: int) -> Extracti
         module = name.rpartition(".")[0]
         if LLM_LINEAR_WEIGHT.fullmatch(name):
             delta = tuned_tensor.to(FACTOR_DTYPE) - base_tensor.to(FACTOR_DTYPE)
+            if not delta.any():  # a difference below float32's resolution
+                continue
             layer = extraction.layers[module] = factorize(delta, rank)
             logger.info("%s: rank %d keeps %.6f of the energy", module, layer.rank, layer.kept_energy)
         elif module in leaves and not LLM_LINEAR_WEIGHT.fullmatch(f"{module}.weight"):
@@ -188,11 +182,12 @@ def _compare(base: LazyCheckpoint, tuned: LazyCheckpoint, rank: int) -> Extracti
                 extraction.not_carried[name],
             )
     extraction.carried_modules = sorted(carried)
-    if not extraction.layers and not extraction.carried_modules:
-        what = f"only {sorted(extraction.not_carried)[:5]} differ" if extraction.not_carried else "no tensor differs"
+    if not extraction.layers:
+        others = extraction.carried_modules + sorted(extraction.not_carried)
+        what = f"only {others[:5]} differ" if others else "no tensor differs"
         raise ExtractionError(
-            f"the tuned model {str(tuned.folder)!r} leaves nothing to extract from the base {str(base.folder)!r}: "
-            f"{what}"
+            f"the tuned model {str(tuned.folder)!r} leaves no LLM linear layer to extract from the base "
+            f"{str(base.folder)!r} ({what}); a LoRA adapter needs one: use the tuned model as it is"
         )
     return extraction
 
@@ -201,7 +196,7 @@ def _lora_config(extraction: Extraction, base_reference: str):
     from peft import LoraConfig
 
     ranks = {module: layer.rank for module, layer in extraction.layers.items()}
-    common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
+    common = Counter(ranks.values()).most_common(1)[0][0]
     # PEFT reads pattern keys as regular expressions; scaling lora_alpha / r stays 1 where a layer's rank differs
     others = {re.escape(module): r for module, r in ranks.items() if r != common}
     return LoraConfig(
@@ -209,7 +204,7 @@ def _lora_config(extraction: Extraction, base_reference: str):
         lora_alpha=common,
         rank_pattern=others,
         alpha_pattern=dict(others),
-        target_modules=sorted(ranks) or None,
+        target_modules=sorted(ranks),
         modules_to_save=extraction.carried_modules or None,
         lora_dropout=0.0,
         bias="none",
@@ -218,10 +213,10 @@ def _lora_config(extraction: Extraction, base_reference: str):
     )
 
 
-def overall_kept_energy(extraction: Extraction) -> float | None:
-    """The kept energy over all extracted layers, each weighted by its ‖ΔW‖²."""
+def overall_kept_energy(extraction: Extraction) -> float:
+    """The kept energy over all extracted layers, each weighted by its ‖ΔW‖² (none is zero)."""
     total = sum(layer.total for layer in extraction.layers.values())
-    return sum(layer.kept for layer in extraction.layers.values()) / total if total else None
+    return sum(layer.kept for layer in extraction.layers.values()) / total
 
 
 def _card(extraction: Extraction, base_reference: str, tuned_reference: str, rank: int) -> str:
@@ -242,8 +237,8 @@ def _card(extraction: Extraction, base_reference: str, tuned_reference: str, ran
         f"`sphinx-mllm extract-lora` at rank {rank}: each linear layer of the LLM as the truncated SVD of its "
         "ΔW = W_tuned − W_base (factors in float32, scaling 1), the other differing modules saved whole.",
         "",
-        f"- layers extracted: {len(extraction.layers)}"
-        + (f", kept energy {overall:.6f} overall (Σ kept s² / Σ s², all layers)" if overall is not None else ""),
+        f"- layers extracted: {len(extraction.layers)}, kept energy {overall:.6f} overall (Σ kept s² / Σ s², all "
+        "layers)",
         f"- modules carried whole (`modules_to_save`): {', '.join(extraction.carried_modules) or 'none'}",
     ]
     if extraction.not_carried:
@@ -259,11 +254,10 @@ def _card(extraction: Extraction, base_reference: str, tuned_reference: str, ran
         'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
         "```",
     ]
-    if extraction.layers:
-        lines += ["", "| layer | rank | kept energy |", "|---|---:|---:|"]
-        lines += [
-            f"| `{module}` | {layer.rank} | {layer.kept_energy:.6f} |" for module, layer in extraction.layers.items()
-        ]
+    lines += ["", "| layer | rank | kept energy |", "|---|---:|---:|"]
+    lines += [
+        f"| `{module}` | {layer.rank} | {layer.kept_energy:.6f} |" for module, layer in extraction.layers.items()
+    ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
 
 
@@ -274,6 +268,8 @@ def extract_lora(base: str | Path, tuned: str | Path, out: str | Path, rank: int
     check_rank(rank)
     base_weights, tuned_weights = open_models(base, tuned)
     extraction = _compare(base_weights, tuned_weights, rank)
+    from ..folder.card import model_reference
+
     base_reference, tuned_reference = model_reference(base), model_reference(tuned)
 
     layout = {}

@@ -106,6 +106,11 @@ class Recipe:
     parts: dict[str, PartSetting] = field(default_factory=dict)
     source: dict = field(default_factory=dict)
 
+    def inputs(self) -> set[Path]:
+        """Every folder the recipe reads: its base, its models, its parts' sources."""
+        sources = {setting.source for setting in self.parts.values()}
+        return {self.base_model, *(path for path, _ in self.models), *sources} - {None}
+
     def mixes(self, name: str) -> bool:
         """Whether tensor `name` is mixed: its part's setting if the recipe has one, else `mixed_tensors`."""
         setting = self.parts.get(part_of(name))
@@ -117,10 +122,7 @@ class Recipe:
     def load(cls, recipe: "str | Path | dict", root: Path | None = None, named: dict | None = None) -> "Recipe":
         """Parse and check a recipe (a YAML file or a dict); relative model paths are relative to the file (or to
         `root`); a model written as one of `named`'s keys (an earlier stage) is that path."""
-        root = root or Path.cwd()
-        if isinstance(recipe, (str, Path)):
-            root = Path(recipe).parent
-            recipe = read_yaml_file(recipe, "recipe file", RecipeError, RECIPE_SHAPE)
+        recipe, root = _read(recipe, root)
         if not isinstance(recipe, dict):
             raise RecipeError(RECIPE_SHAPE)
         written = read(RecipeFile, recipe, RecipeError, unknown="unknown recipe key {value!r}")
@@ -174,16 +176,28 @@ class Recipe:
         )
 
 
+def _read(recipe: "str | Path | dict", root: Path | None = None) -> tuple:
+    """The recipe's mapping and the folder its relative paths start from (the file's, else `root` or here)."""
+    if isinstance(recipe, (str, Path)):
+        return read_yaml_file(recipe, "recipe file", RecipeError, RECIPE_SHAPE), Path(recipe).parent
+    return recipe, root or Path.cwd()
+
+
 def _part_setting(part, entry, spec: Method, method: str, inputs: list[Path], resolve) -> PartSetting:
     if part not in PARTS:
         raise RecipeError(f"parts: unknown part {part!r}{suggest(str(part), PARTS)}; known: {list(PARTS)}")
     if not isinstance(entry, dict):
         raise RecipeError(f"parts: {part}: {PART_SHAPE.format(value=entry)}")
-    entry = {("source" if key == "from" else key): value for key, value in entry.items()}
-    unknown = f"parts: {part}: unknown key {{value!r}}, a part takes parameters or from"
-    written = read(PartEntry, entry, RecipeError, unknown=unknown)
+    for key in entry:
+        if key not in ("parameters", "from"):
+            raise RecipeError(
+                f"parts: {part}: unknown key {key!r}{suggest(str(key), ['parameters', 'from'])}; a part takes "
+                "parameters or from"
+            )
+    written = read(PartEntry, {"parameters": entry.get("parameters"), "source": entry.get("from")}, RecipeError)
     if (written.parameters is None) == (written.source is None):
-        raise RecipeError(f"parts: {part}: give either parameters (mix it) or from (take it whole), not both")
+        both = "not both" if entry.get("from") is not None else "not neither"
+        raise RecipeError(f"parts: {part}: give either parameters (mix it) or from (take it whole), {both}")
     if written.source is None:
         return PartSetting(parameters=_checked_parameters(written.parameters, spec, method, f"part {part}"))
     source = resolve(written.source)
@@ -202,16 +216,15 @@ class StagedRecipe:
     source: dict
 
 
+STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a folder name: never `.`, `..` or a path
+STAGE_NAME_RULE = "must be letters, digits, '_', '.' or '-', not starting with '.' or '-'"
 STAGES_SHAPE = "stages is a list of recipes, each with a name, the last one giving the output; got {value!r}"
 
 
 def load_recipe(recipe: "str | Path | dict", intermediate: Path | None = None) -> "Recipe | StagedRecipe":
     """A recipe, or a recipe of `stages` whose stage outputs (but the last) are named folders under
     `intermediate` (by default a placeholder: the paths are only checked)."""
-    root = Path.cwd()
-    if isinstance(recipe, (str, Path)):
-        root = Path(recipe).parent
-        recipe = read_yaml_file(recipe, "recipe file", RecipeError, RECIPE_SHAPE)
+    recipe, root = _read(recipe)
     if not isinstance(recipe, dict) or "stages" not in recipe:
         return Recipe.load(recipe, root=root)
     if set(recipe) != {"stages"}:
@@ -223,8 +236,8 @@ def load_recipe(recipe: "str | Path | dict", intermediate: Path | None = None) -
     named, loaded = {}, []
     for index, stage in enumerate(stages, 1):
         name = stage.get("name")
-        if not isinstance(name, str) or not name or "/" in name or name in named:
-            what = "is used twice" if name in named else "must be a non-empty name without '/'"
+        if not isinstance(name, str) or not STAGE_NAME.fullmatch(name) or name in named:
+            what = "is used twice" if isinstance(name, str) and name in named else STAGE_NAME_RULE
             raise RecipeError(f"stages: stage {index}: name {what}, got {name!r}")
         body = {key: value for key, value in stage.items() if key != "name"}
         try:
@@ -232,6 +245,9 @@ def load_recipe(recipe: "str | Path | dict", intermediate: Path | None = None) -
         except RecipeError as error:
             raise RecipeError(f"stages: stage {name!r}: {error}") from None
         named[name] = intermediate / name
+    for index, (name, _) in enumerate(loaded[:-1]):
+        if not any(named[name] in stage.inputs() for _, stage in loaded[index + 1 :]):
+            raise RecipeError(f"stages: stage {name!r}: no later stage reads it; name it as a model of one")
     return StagedRecipe(loaded, recipe)
 
 
