@@ -1,14 +1,17 @@
 """Mixing speed and memory against mergekit 0.1.5 on the same recipes, same run.
 
     .venv/bin/pip install -e ".[bench]" && .venv/bin/python benchmarks/bench_mix.py [--work DIR]
+    .venv/bin/python benchmarks/bench_mix.py --tiny --input-dtype float32 --out-dtype float32 --reference
 
-Two checkpoints of a ~850M-parameter LLaMA (width 2048, 14 layers; bfloat16, ~1.7 GB, ~500 MB shards; float32
-with `--input-dtype float32`, which leaves no ties between magnitudes for the methods to break differently) are
-written twice: as text-only LLaMA folders for mergekit and as SPHINX folders (the same LLM plus tiny encoders)
-for `sphinx-mllm mix`. Each method runs in a fresh process; peak RSS is that process's. The TIES outputs are
-compared with an exact float32 TIES; every method's output is compared with mergekit's, tensor by tensor (the
-methods that draw random masks at density 1, where they draw nothing). Figures are recorded in
-benchmarks/README.md; `--methods` picks some (default: all of mergekit's single-architecture methods).
+Two checkpoints of a ~850M-parameter LLaMA (width 2048, 14 layers; bfloat16, ~1.7 GB, ~500 MB shards) and their
+base are written twice: as text-only LLaMA folders for mergekit and as SPHINX folders (the same LLM plus tiny
+encoders) for `sphinx-mllm mix`. Each method runs in a fresh process; peak RSS is that process's (the first
+command: speed and memory). Every method's output is compared with mergekit's, tensor by tensor (the methods that
+draw random masks at density 1, where they draw nothing), and the TIES outputs with an exact float32 TIES. The
+second command compares the methods' arithmetic: a 2-layer, 256-wide LLM in float32 (no ties between magnitudes
+for the two tools to break differently) and float32 outputs, with a float64 mix as the reference wherever the two
+differ. Figures are recorded in benchmarks/README.md; `--methods` picks some (default: all of mergekit's
+single-architecture methods).
 """
 
 import argparse
@@ -37,7 +40,8 @@ TEXT = {
     "num_key_value_heads": 16,
     "max_position_embeddings": 4096,
 }
-INPUT = {"dtype": torch.bfloat16}  # the inputs' dtype: bfloat16 as released models; float32 to compare methods
+# the inputs' and the outputs' dtypes: bfloat16 as released models; float32 to compare the methods' arithmetic
+INPUT = {"dtype": torch.bfloat16, "out_dtype": "bfloat16"}
 MEASURE = (
     "import json, resource, subprocess, sys, time\n"
     "start = time.perf_counter(); subprocess.run(sys.argv[1:], check=True, capture_output=True)\n"
@@ -82,7 +86,7 @@ def recipe(method: str, a: str, b: str, base: str, density: float | None = None)
     written = {"merge_method": method, "models": [{"model": m} for m in models], "parameters": parameters}
     if spec.base_role is not BaseRole.LISTED_MODEL:
         written["base_model"] = base
-    return written | {"dtype": "float32", "out_dtype": "float32"}
+    return written | {"dtype": "float32", "out_dtype": INPUT["out_dtype"]}
 
 
 def write_llm(
@@ -190,7 +194,7 @@ def measure(command: list[str]) -> dict:
 
 
 def compare(ours: Path, theirs: Path, llama: bool = True) -> dict:
-    """Every LLM tensor of the two float32 outputs but the embeddings (the SPHINX folders have the tiny tokenizer's
+    """Every LLM tensor of the two outputs but the embeddings (the SPHINX folders have the tiny tokenizer's
     vocabulary): the share of elements that differ, and the largest difference relative to its tensor's largest
     entry (float32 rounding of a few operations: ~1e-7). `theirs` is a text-only LLaMA folder, or with `llama`
     false a SPHINX folder like `ours`."""
@@ -242,9 +246,13 @@ def main():
         "first as the command did before its launcher (package)",
     )
     parser.add_argument("--input-dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--out-dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--reference", action="store_true", help="where the outputs differ, also mix in float64")
+    parser.add_argument("--layers", type=int, default=TEXT["num_hidden_layers"], help="the LLM's depth")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer, 256-wide LLM: a dry run of the script")
     args = parser.parse_args()
-    INPUT["dtype"] = getattr(torch, args.input_dtype)
+    INPUT.update(dtype=getattr(torch, args.input_dtype), out_dtype=args.out_dtype)
+    TEXT["num_hidden_layers"] = args.layers
     if args.tiny:
         TEXT.update(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
         TEXT.update(num_key_value_heads=4)
@@ -267,7 +275,7 @@ def main():
         if method == "ties":
             exact_ties_check(work, outputs)
         equal = compare(outputs["sphinx-mllm"], outputs["mergekit"])
-        if equal["differing"]:  # which is nearer the float64 mix (tested against each method's definition)
+        if args.reference and equal["differing"]:  # which is nearer the float64 mix (tested against definitions)
             paths = [str(work / f"sphinx-{n}") for n in ("a", "b", "base")]
             written = recipe(method, *paths, density=1.0 if method in RANDOM else None) | {"dtype": "float64"}
             _, reference = run_tool("sphinx-mllm", work, written, f"{method}-float64", entry)

@@ -53,7 +53,7 @@ def _visible(folder: Path) -> list[str]:
 
 # the first tensor, a middle one, and the last file before the folder is renamed into place
 MIX_KILLS = ["modeling_sphinx.folder.shards:StreamingShardWriter.write:1:before",
-             "modeling_sphinx.folder.shards:StreamingShardWriter.write:5:after", "modeling_sphinx.mixing:_write_card:1:after"]  # fmt: skip
+             "modeling_sphinx.folder.shards:StreamingShardWriter.write:5:after", "modeling_sphinx.mixing.engine:_write_card:1:after"]  # fmt: skip
 
 
 def test_mix_killed_while_writing_leaves_nothing_and_runs_again(tiny_model_dir, tmp_path):

@@ -2,6 +2,7 @@
 and recipes of stages."""
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -247,23 +248,27 @@ def test_stages_equal_the_mixes_run_one_after_the_other(trio, tmp_path):
     assert str(tmp_path) not in card.content and recipe["stages"][1]["base_model"] == a.name
 
 
-def test_each_intermediate_is_removed_once_no_later_stage_reads_it(trio, tmp_path, monkeypatch):
-    import modeling_sphinx.mixing.engine as engine
-
+def test_each_intermediate_is_removed_once_no_later_stage_reads_it(trio, tmp_path, caplog):
     a, b, c = trio
-    seen, original = [], engine._mix
+    seen = []
 
-    def spy(recipe, out_dir, *args):
-        seen.append(sorted(p.name for p in tmp_path.glob(".out.*stages*/*")))
-        return original(recipe, out_dir, *args)
+    class Intermediates(logging.Handler):  # what is on disk as each stage starts
+        def emit(self, record):
+            if record.getMessage().startswith("stage "):
+                seen.append(sorted(p.name for p in tmp_path.glob(".out.*stages*/*")))
 
-    monkeypatch.setattr(engine, "_mix", spy)
+    handler = Intermediates()
+    logging.getLogger("modeling_sphinx.mixing").addHandler(handler)
+    caplog.set_level(logging.INFO, logger="modeling_sphinx.mixing")
     stages = [
         {"name": "one", **linear(a, b)},
         {"name": "two", **linear(a, "one")},
         {"name": "three", **linear(c, "two")},
     ]
-    mix({"stages": stages}, tmp_path / "out")
+    try:
+        mix({"stages": stages}, tmp_path / "out")
+    finally:
+        logging.getLogger("modeling_sphinx.mixing").removeHandler(handler)
     assert seen == [[], ["one"], ["two"]]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
