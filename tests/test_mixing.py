@@ -286,6 +286,24 @@ def test_non_finite_weights_in_an_input_are_never_written(trio, tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float8_e4m3fn])
+def test_every_nan_or_infinity_is_found_wherever_it_lies(dtype):
+    from modeling_sphinx.folder.shards import refuse_non_finite
+
+    for shape in ((2,), (7,), (64, 1031)):
+        refuse_non_finite("fine", torch.randn(shape).to(dtype))
+        for value in (float("nan"), float("inf"), -float("inf")):
+            for position in (0, 1, -1, shape[-1] // 2):
+                tensor = torch.randn(shape)
+                tensor.view(-1)[position] = value
+                tensor = tensor.to(dtype)
+                if torch.isfinite(tensor.float()).all():  # float8 e4m3 has no infinity: it rounds to NaN or max
+                    continue
+                with pytest.raises(ValueError, match=r"tensor bad has 1 of \d+ values NaN or infinite"):
+                    refuse_non_finite("bad", tensor)
+    refuse_non_finite("empty", torch.empty(0, 4, dtype=dtype))
+
+
 def test_incompatible_checkpoints(trio, tmp_path):
     a, _, _ = trio
     other_arch = init_model("sphinx-1k", tmp_path / "other", tiny=True)

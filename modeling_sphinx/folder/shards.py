@@ -8,6 +8,7 @@ between checkpoints, and a model card compares them with a release's to tell a r
 """
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -184,9 +185,18 @@ class StreamingShardWriter:
 
 def refuse_non_finite(name: str, tensor: torch.Tensor, consequence: str = "nothing was written"):
     """A `ValueError` naming the tensor when it holds NaN or infinite values: such weights are never written."""
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        bad = int((~torch.isfinite(tensor)).sum())
+    if tensor.is_floating_point() and tensor.numel() and not _is_finite(tensor):
+        bad = int((~torch.isfinite(tensor.float())).sum())  # only when refusing: float8 has no isfinite
         raise ValueError(f"tensor {name} has {bad} of {tensor.numel()} values NaN or infinite; {consequence}")
+
+
+def _is_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite: from the extremes, which carry any NaN (aminmax propagates it) or infinity,
+    without the boolean copy `isfinite` makes (0.6 against 45 ms for a 5632 x 2048 bfloat16 tensor on 2 cores)."""
+    if tensor.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        tensor = tensor.float()  # float8 has neither aminmax nor isfinite
+    low, high = torch.aminmax(tensor)
+    return math.isfinite(low) and math.isfinite(high)
 
 
 def check_weights(folder: str | Path):
