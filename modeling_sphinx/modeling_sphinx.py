@@ -13,7 +13,6 @@ import functools
 import os
 from dataclasses import dataclass
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -175,6 +174,10 @@ def cut_crops(images: torch.Tensor, grid: int, size: int) -> list[torch.Tensor]:
 
 def create_timm_encoder(config) -> nn.Module:
     """A timm trunk without classifier or pooling: token features for ViTs, the normed map for ConvNeXt."""
+    # imported here: timm imports wandb and torchvision's datasets where installed (seconds), which the commands
+    # that never build a model (mix, extract-lora, push) would pay on every start
+    import timm
+
     return timm.create_model(
         config.architecture, pretrained=False, num_classes=0, global_pool="", **(config.model_args or {})
     )
