@@ -8,7 +8,9 @@ template rendered, tokenised and the assistant mask realigned over the expanded 
 backward and an AdamW step of the miniature. The collation is timed twice in the same run: as the demo runs it
 (decoded images cached, the assistant mask compared as arrays) and before those two changes (transformers'
 per-token mask loop, every PNG decoded each batch). The collation is split into its parts with cProfile; the model
-step into the view cutting (float16 resizes), the encoders, and the LLM. Medians of `--steps` after a warm-up.
+step into the view cutting (float16 resizes), the encoders, and the LLM, and timed again with the frozen encoders'
+features kept between steps (`keep_frozen_features`, the demo's `feature_cache_size`). Medians of `--steps` after a
+warm-up.
 """
 
 import argparse
@@ -97,6 +99,9 @@ def main():
             "  of which view cutting (float16 resizes)": median_seconds(views, args.steps),
             "  of which view cutting + encoders (no grad)": median_seconds(encoders, args.steps),
         }
+        model.keep_frozen_features(len(dataset))  # as the demo trains: each image's features computed once
+        timings["model step, frozen encoders' features kept"] = median_seconds(train_step, args.steps)
+        model.keep_frozen_features(0)
         profile = cProfile.Profile()
         profile.enable()
         for _ in range(args.steps):

@@ -10,7 +10,9 @@ This file is copied flat into saved model folders as remote code: it imports onl
 """
 
 import functools
+import hashlib
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -317,6 +319,8 @@ class SphinxModel(SphinxPreTrainedModel):
         self.end_img = nn.Parameter(torch.rand(1, 1, hidden_size))
         self.language_model = AutoModel.from_config(config.text_config)
         self._dinov2_affine: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see `to_dinov2_statistics`
+        self._kept_features: OrderedDict | None = None  # see `keep_frozen_features`
+        self._max_kept_images = 0
         self._no_split_modules = self.encoder_block_classes()
         self.freeze_vision_encoders()
         self.post_init()
@@ -437,17 +441,11 @@ class SphinxModel(SphinxPreTrainedModel):
                 "register forward hooks on model.model.<encoder>.blocks to inspect them"
             )
         num_images = pixel_values.shape[0]
-        views, convnext_views = self.cut_views(pixel_values)
         encoder_dtype = next(self.visual_proj.parameters()).dtype  # PEFT may wrap the Sequential
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision_encoders):
-            per_encoder = []
-            if self.clip is not None:
-                per_encoder.append(self.clip.forward_features(views.to(encoder_dtype)))
-            if self.convnext is not None:
-                per_encoder.append(self.convnext_tokens(views, convnext_views))
-            if self.dinov2 is not None:
-                per_encoder.append(self.dinov2.forward_features(self.to_dinov2_statistics(views).to(encoder_dtype)))
-            queries = self.qformer(views) if self.qformer is not None else None
+        if self._kept_features is None or is_torchdynamo_compiling():
+            per_encoder, queries = self.encode_views(pixel_values, encoder_dtype)
+        else:
+            per_encoder, queries = self._kept_or_encoded(pixel_values, encoder_dtype)
         fused = torch.cat([f.to(encoder_dtype) for f in per_encoder], dim=-1)
         tokens = [self.visual_proj(fused)]
         if queries is not None:
@@ -461,6 +459,75 @@ class SphinxModel(SphinxPreTrainedModel):
         return BaseModelOutputWithPooling(
             last_hidden_state=fused, pooler_output=image_tokens, hidden_states=hidden_states
         )
+
+    def encode_views(self, pixel_values: torch.Tensor, encoder_dtype: torch.dtype) -> tuple[list, torch.Tensor | None]:
+        """Each encoder's features of every view of `pixel_values`, in fusion order, and the Q-Former's queries
+        (`None` without a Q-Former): what `get_image_features` fuses and projects."""
+        views, convnext_views = self.cut_views(pixel_values)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision_encoders):
+            per_encoder = []
+            if self.clip is not None:
+                per_encoder.append(self.clip.forward_features(views.to(encoder_dtype)))
+            if self.convnext is not None:
+                per_encoder.append(self.convnext_tokens(views, convnext_views))
+            if self.dinov2 is not None:
+                per_encoder.append(self.dinov2.forward_features(self.to_dinov2_statistics(views).to(encoder_dtype)))
+            queries = self.qformer(views) if self.qformer is not None else None
+        return per_encoder, queries
+
+    def keep_frozen_features(self, max_images: int):
+        """Keep the frozen encoders' features of up to `max_images` images between calls (0: keep none, the
+        default), the least recently used dropped first.
+
+        Frozen encoders give an image the same features every time, so training many epochs over a small image
+        set (the demo's 1,600 images, 1,200 steps of 16) need not run them, nor cut the views, more than once per
+        image. An image is known by its pixel values (their bytes, hashed on the CPU), so any processor or
+        augmentation may feed it. The features stay on the device they were computed on. Calling this again
+        empties the store; do so after changing the encoders' weights or dtype in place. Refused when the
+        encoders are trained (`freeze_vision_encoders` false). Not for FSDP or DeepSpeed ZeRO-3: their ranks must
+        run the encoders together, and a rank that skips them would wait for the others forever.
+        """
+        if max_images < 0:
+            raise ValueError(f"max_images must be 0 or more, got {max_images}")
+        if max_images and not self.config.freeze_vision_encoders:
+            raise ValueError(
+                "the vision encoders are trained (freeze_vision_encoders: false), so their features change every "
+                "step and cannot be kept; freeze them or keep none"
+            )
+        self._kept_features = OrderedDict() if max_images else None
+        self._max_kept_images = max_images
+
+    def _kept_or_encoded(
+        self, pixel_values: torch.Tensor, encoder_dtype: torch.dtype
+    ) -> tuple[list, torch.Tensor | None]:
+        """`encode_views` of `pixel_values`, running the encoders only on the images not kept yet."""
+        kept = self._kept_features
+        context = (encoder_dtype, pixel_values.dtype, tuple(pixel_values.shape[1:]), str(pixel_values.device))
+        on_host = pixel_values.detach().contiguous().cpu()
+        keys = [
+            (context, hashlib.blake2b(image.view(torch.uint8).numpy(), digest_size=16).digest()) for image in on_host
+        ]
+        found = {key: kept[key] for key in keys if key in kept}
+        missing = list(dict.fromkeys(key for key in keys if key not in found))
+        if missing:
+            indices = [keys.index(key) for key in missing]
+            per_encoder, queries = self.encode_views(pixel_values[indices], encoder_dtype)
+            views = per_encoder[0].shape[0] // len(missing)
+            for position, key in enumerate(missing):
+                part = slice(position * views, (position + 1) * views)
+                found[key] = (
+                    [f[part].clone() for f in per_encoder],
+                    None if queries is None else queries[part].clone(),
+                )
+                kept[key] = found[key]
+        for key in dict.fromkeys(keys):
+            kept.move_to_end(key)
+        while len(kept) > self._max_kept_images:
+            kept.popitem(last=False)
+        entries = [found[key] for key in keys]
+        per_encoder = [torch.cat([features[n] for features, _ in entries]) for n in range(len(entries[0][0]))]
+        queries = None if entries[0][1] is None else torch.cat([q for _, q in entries])
+        return per_encoder, queries
 
     def to_dinov2_statistics(self, views: torch.Tensor) -> torch.Tensor:
         """DINOv2's input: CLIP-normalised pixels re-normalised to ImageNet statistics, with the original's formula.
@@ -593,6 +660,11 @@ class SphinxForConditionalGeneration(SphinxPreTrainedModel, GenerationMixin):
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> tuple | BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
+
+    def keep_frozen_features(self, max_images: int):
+        self.model.keep_frozen_features(max_images)
+
+    keep_frozen_features.__doc__ = SphinxModel.keep_frozen_features.__doc__
 
     @can_return_tuple
     @takes_cache("5.40.0")

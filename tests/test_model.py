@@ -351,3 +351,41 @@ def test_attention_implementation_switches_every_attention_model_quietly(tiny_mo
         model.set_attn_implementation(name)
         assert "without finding the associated sub-model" not in capfd.readouterr().err
         assert {tower.config._attn_implementation for tower in towers} == {name}
+
+
+def test_kept_frozen_features_train_alike_and_encode_each_image_once(tiny_model_dir):
+    folder = tiny_model_dir("sphinx-1k")
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).train()
+    reference = copy.deepcopy(model)
+    encoded = []
+    model.model.clip.patch_embed.register_forward_hook(lambda module, args, output: encoded.append(args[0].shape[0]))
+    views = model.config.num_views
+    cat, rocket = Image.open(IMAGES / "chelsea.png"), Image.open(IMAGES / "rocket.jpg")
+    batch = _inputs(processor, [("<image>A cat.", cat), ("<image>A rocket.", rocket), ("<image>The cat.", cat)])
+    labels = batch["input_ids"].clone()
+
+    model.keep_frozen_features(2)
+    expected = reference(**batch, labels=labels, output_hidden_states=True)
+    expected.loss.backward()
+    for _ in range(2):
+        model.zero_grad()
+        kept = model(**batch, labels=labels, output_hidden_states=True)
+        kept.loss.backward()
+        torch.testing.assert_close(kept.loss, expected.loss, rtol=1e-5, atol=0)
+        for name in ("model.visual_proj.0.weight", "model.start_img", "lm_head.weight"):
+            grads = (dict(m.named_parameters())[name].grad for m in (model, reference))
+            torch.testing.assert_close(*grads, rtol=1e-4, atol=1e-7)
+    assert encoded == [2 * views]  # the two distinct images, once
+
+    encoded.clear()
+    model.keep_frozen_features(1)  # the store empties, then holds the last image used: the cat is encoded again
+    for _ in range(2):
+        model(**_inputs(processor, [("<image>A cat.", cat), ("<image>A rocket.", rocket)]))
+    assert encoded == [2 * views, views]
+
+    with pytest.raises(ValueError, match="must be 0 or more"):
+        model.keep_frozen_features(-1)
+    trained = AutoModelForImageTextToText.from_pretrained(folder, freeze_vision_encoders=False)
+    with pytest.raises(ValueError, match=r"encoders are trained \(freeze_vision_encoders: false\)"):
+        trained.keep_frozen_features(8)

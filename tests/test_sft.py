@@ -327,6 +327,36 @@ def test_a_model_object_is_tuned_in_place_with_callbacks_and_no_final_folder(wor
     assert (out / "trainer_state.json").is_file() and not (out / "model").exists()
 
 
+def test_kept_encoder_features_train_as_encoding_every_step(world, tiny_sphinx, tmp_path):
+    from modeling_sphinx import SphinxConfig, SphinxForConditionalGeneration
+    from modeling_sphinx.training.sft import make_parser, train
+
+    losses, encoded = {}, {}
+    for size in (0, 8):
+        torch.manual_seed(0)
+        model = SphinxForConditionalGeneration(SphinxConfig.from_pretrained(tiny_sphinx))
+        encoded[size] = []
+        model.model.clip.patch_embed.register_forward_hook(
+            lambda module, args, output, seen=encoded[size]: seen.append(1)
+        )
+        out = tmp_path / f"kept-{size}"
+        extra = ("--max_steps", "4", "--save_final_model", "false", "--feature_cache_size", str(size))
+        args, training_args = make_parser().parse_args_and_config(
+            args=["--config", *train_args(tiny_sphinx, world, out, *extra)[1:]]
+        )
+        train(args, training_args, model=model, processor=AutoProcessor.from_pretrained(tiny_sphinx))
+        state = json.loads((out / "trainer_state.json").read_text())
+        losses[size] = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert losses[8] == pytest.approx(losses[0], rel=1e-5)
+    assert len(encoded[0]) == 4 and len(encoded[8]) < 4  # a step whose images are all kept runs no encoder
+
+
+def test_kept_encoder_features_are_refused_with_fsdp(world, tiny_sphinx, tmp_path, capsys):
+    args = train_args(tiny_sphinx, world, tmp_path / "x", "--feature_cache_size", "8", "--fsdp", "full_shard")
+    assert main(args) == 2
+    assert "feature_cache_size needs every rank to run the encoders" in capsys.readouterr().err
+
+
 def test_lora_trains_only_the_named_modules_and_merges_back(world, tiny_sphinx, tmp_path):
     out = tmp_path / "lora"
     assert main(train_args(tiny_sphinx, world, out, "--tuning", "lora", "--learning_rate", "5e-3")) == 0

@@ -159,6 +159,7 @@ def _train(model: Path, mixture: Path, out: Path, steps: int, learning_rate: flo
         mixture=str(mixture),
         dtype="float32",
         image_cache_size=len(DOMAINS) * budget.train_images,  # every training image, decoded once
+        feature_cache_size=len(DOMAINS) * budget.train_images,  # and encoded once
     )
     config = SFTConfig(
         output_dir=str(out),
@@ -287,6 +288,8 @@ def score(
                 shutil.rmtree(folder, ignore_errors=True)
                 if model is None:
                     processor, model = load_pretrained(str(model_dir), dtype="float32")
+                    # every image is asked several questions: encoded once
+                    model.keep_frozen_features(sum(_questions(split / "grounding.jsonl") for split in splits.values()))
                 evaluate(
                     model,
                     processor,

@@ -85,6 +85,13 @@ class SphinxTuningArguments(ModelConfig):
     image_cache_size: int = field(
         default=0, metadata={"help": "decoded images kept in memory between batches (0: decode every time)"}
     )
+    feature_cache_size: int = field(
+        default=0,
+        metadata={
+            "help": "images whose frozen encoders' features are kept between steps (0: encode every step); "
+            "not with FSDP or DeepSpeed"
+        },
+    )
     model_dir: str | None = field(default=None, metadata={"help": "final model folder (default OUTPUT_DIR/model)"})
     save_final_model: bool = field(
         default=True,
@@ -329,6 +336,13 @@ def train(
     eval_dataset = load_mixture(args.eval_mixture) if args.eval_mixture else None
     training_args.remove_unused_columns = False
     model = model if model is not None else load_model_to_tune(args)
+    if args.feature_cache_size:
+        if training_args.fsdp or training_args.deepspeed:
+            raise ValueError(
+                "feature_cache_size needs every rank to run the encoders on its own, which FSDP and DeepSpeed "
+                "do not allow (a rank that skips them waits for the others forever); set it to 0"
+            )
+        model.keep_frozen_features(args.feature_cache_size)
     peft_config = lora_config(args, model)
     collator = SphinxDataCollator(
         processor=processor,
