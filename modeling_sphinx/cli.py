@@ -430,7 +430,9 @@ def run_push(args):
 def demo_options(parser, inherited: bool = False):
     """The options every demo program takes; a subcommand's copies set only what its own command line gives."""
     default = (lambda value: argparse.SUPPRESS) if inherited else (lambda value: value)
-    parser.add_argument("--out", default=default("runs/demo"), help="the run folder (default runs/demo)")
+    # the formatter shows a default only where it is set; a subcommand's copy says it in words
+    where = "the run folder" + (" (default: runs/demo)" if inherited else "")
+    parser.add_argument("--out", default=default("runs/demo"), help=where)
     parser.add_argument("--quick", action="store_true", default=default(False), help="a smaller world, fewer steps")
     parser.add_argument("--force", action="store_true", default=default(False), help="redo every stage")
     parser.add_argument("--seed", type=int, default=default(0))
