@@ -8,6 +8,7 @@ import logging
 import math
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,6 +213,8 @@ def _remove_unread(intermediate: Path, staged: StagedRecipe, done: int):
 def _mix(recipe: Recipe, out_dir: Path, max_shard_size, card_stages: list | None) -> Path:
     """One recipe into `out_dir`; `card_stages` (name, recipe) pairs go into the card (none: no card)."""
     inputs = _open_inputs(recipe)
+    if card_stages is not None:
+        threading.Thread(target=_import_card_writer, args=(inputs.base_config,), daemon=True).start()
     names = inputs.base.tensor_names()
     mixed = [n for n in names if recipe.mixes(n)]
     num_layers = inputs.base_config.get("text_config", {}).get("num_hidden_layers", 1)
@@ -271,6 +274,19 @@ def _card_source(recipe: Recipe, stage_names: set[str]) -> tuple[dict, list[str]
     named = [source["base_model"]] if source.get("base_model") else []
     named += [entry["model"] for entry in source.get("models", [])]
     return source, [model for model in named if model not in stage_names]
+
+
+def _import_card_writer(config: dict):
+    """Import what writing the card needs while the tensors are mixed: transformers' config classes (its model
+    registry, and the LLM's config, which imports torchvision and torch._dynamo) take seconds of start-up, most
+    of a small mix, and the mixing thread waits on reads, writes and torch, which release the GIL."""
+    try:
+        from ..configuration_sphinx import SphinxConfig
+        from ..folder import card  # noqa: F401
+
+        SphinxConfig.from_dict(config)
+    except Exception:  # only a head start: writing the card reports any error itself
+        logger.debug("importing the card writer ahead failed", exc_info=True)
 
 
 def _write_card(folder: Path, stages: list[tuple[str | None, Recipe]]):
