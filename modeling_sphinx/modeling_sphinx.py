@@ -484,8 +484,9 @@ class SphinxModel(SphinxPreTrainedModel):
         image. An image is known by its pixel values (their bytes, hashed on the CPU), so any processor or
         augmentation may feed it. The features stay on the device they were computed on. Calling this again
         empties the store; do so after changing the encoders' weights or dtype in place. Refused when the
-        encoders are trained (`freeze_vision_encoders` false). Not for FSDP or DeepSpeed ZeRO-3: their ranks must
-        run the encoders together, and a rank that skips them would wait for the others forever.
+        encoders are trained (`freeze_vision_encoders` false). Not for FSDP or DeepSpeed ZeRO-3, whose ranks must
+        run the encoders together (a rank that skips them would wait for the others forever); the trainer
+        (`feature_cache_size`) refuses FSDP and DeepSpeed at any stage, as it does not read the ZeRO stage.
         """
         if max_images < 0:
             raise ValueError(f"max_images must be 0 or more, got {max_images}")

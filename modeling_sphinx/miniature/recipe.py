@@ -288,7 +288,7 @@ def score(
                 shutil.rmtree(folder, ignore_errors=True)
                 if model is None:
                     processor, model = load_pretrained(str(model_dir), dtype="float32")
-                    # every image is asked several questions: encoded once
+                    # every image is asked several questions: encoded once (one grounding question per image)
                     model.keep_frozen_features(sum(_questions(split / "grounding.jsonl") for split in splits.values()))
                 evaluate(
                     model,
