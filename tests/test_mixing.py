@@ -304,6 +304,40 @@ def test_every_nan_or_infinity_is_found_wherever_it_lies(dtype):
     refuse_non_finite("empty", torch.empty(0, 4, dtype=dtype))
 
 
+def test_the_shard_writer_writes_in_order_and_raises_a_failed_write(tmp_path):
+    from safetensors.torch import load_file
+
+    from modeling_sphinx.folder.shards import StreamingShardWriter
+
+    tensors = {f"t{i}": torch.randn(64, 32).to(torch.bfloat16) for i in range(7)}
+    layout = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+    (tmp_path / "ok").mkdir()
+    with StreamingShardWriter(tmp_path / "ok", layout, max_bytes=3 * 64 * 32 * 2) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+    read = {}
+    for shard in sorted((tmp_path / "ok").glob("model-*.safetensors")):
+        read.update(load_file(shard))
+    assert len(writer.files) == 3 and (tmp_path / "ok" / "model.safetensors.index.json").is_file()
+    assert read.keys() == tensors.keys()
+    assert all(torch.equal(read[name], tensor) for name, tensor in tensors.items())
+
+    # a write that fails on the writer's thread (here: no folder to write into) raises in the caller's
+    with pytest.raises(FileNotFoundError, match="missing"):
+        with StreamingShardWriter(tmp_path / "missing", layout, max_bytes=10**9) as writer:
+            for name, tensor in tensors.items():
+                writer.write(name, tensor)
+    assert not writer._thread.is_alive() and writer._handle is None
+
+    # leaving the block with an error of the caller's stops the thread without finishing the files
+    (tmp_path / "stopped").mkdir()
+    with pytest.raises(RuntimeError, match="caller"):
+        with StreamingShardWriter(tmp_path / "stopped", layout, max_bytes=3 * 64 * 32 * 2) as writer:
+            writer.write("t0", tensors["t0"])
+            raise RuntimeError("the caller failed")
+    assert not writer._thread.is_alive() and not (tmp_path / "stopped" / "model.safetensors.index.json").exists()
+
+
 def test_incompatible_checkpoints(trio, tmp_path):
     a, _, _ = trio
     other_arch = init_model("sphinx-1k", tmp_path / "other", tiny=True)

@@ -474,17 +474,17 @@ def convert_checkpoint(
     layout = {ours: (shape, torch_dtype) for ours, shape in expected.items()}
 
     def write_weights(folder: Path):
-        writer = StreamingShardWriter(folder, layout, parse_size(max_shard_size))
-        for ours, shape in expected.items():
-            tensor = _produce(original, plan, ours, config)
-            if tuple(tensor.shape) != shape:
-                sources = [key for key, _ in plan[ours]]
-                raise ConversionError(
-                    f"{original.folder}: {ORIGINAL_PREFIX}{sources[0]} gives {ours} of shape {list(tensor.shape)} "
-                    f"but the config expects {list(shape)} (check config.json or --encoder-sizes)"
-                )
-            writer.write(ours, tensor.to(torch_dtype))
-        writer.finish()
+        with StreamingShardWriter(folder, layout, parse_size(max_shard_size)) as writer:
+            for ours, shape in expected.items():
+                tensor = _produce(original, plan, ours, config)
+                if tuple(tensor.shape) != shape:
+                    sources = [key for key, _ in plan[ours]]
+                    raise ConversionError(
+                        f"{original.folder}: {ORIGINAL_PREFIX}{sources[0]} gives {ours} of shape "
+                        f"{list(tensor.shape)} but the config expects {list(shape)} (check config.json or "
+                        "--encoder-sizes)"
+                    )
+                writer.write(ours, tensor.to(torch_dtype))
 
     provenance = {"kind": "converted", "source": Path(src).name, "llama_type": original.llama_type, "dtype": dtype}
     return write_model_folder(

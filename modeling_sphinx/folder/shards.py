@@ -2,7 +2,7 @@
 
 `LazyCheckpoint` reads each tensor with `pread` (no memory map, so pages read once do not stay in the
 process's memory); `StreamingShardWriter` knows every output tensor's name, shape and dtype up front, writes
-each shard's header first and then each tensor's bytes as soon as it is computed. `DECODER_SHAPE_FIELDS` are
+each shard's header first and then each tensor's bytes as soon as it is computed, on a thread of its own. `DECODER_SHAPE_FIELDS` are
 the fields of a transformers decoder config that fix the shapes of its tensors: mixing requires them to agree
 between checkpoints, and a model card compares them with a release's to tell a release from a reduced-size model.
 """
@@ -10,7 +10,9 @@ between checkpoints, and a model card compares them with a release's to tell a r
 import json
 import math
 import os
+import queue
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -113,7 +115,15 @@ class LazyCheckpoint:
 
 class StreamingShardWriter:
     """Writes the tensors of `layout` (name → (shape, dtype), in write order) into shards of at most
-    `max_bytes` (a larger tensor gets a shard of its own), plus the index when there are several."""
+    `max_bytes` (a larger tensor gets a shard of its own), plus the index when there are several.
+
+    Use it as a context manager: leaving the block without an error finishes the files (`finish`), leaving it
+    with one stops the writing. The bytes go to disk on a thread of its own, so that the caller reads and
+    computes the next tensor meanwhile (writing is the largest part of a mix that does little arithmetic:
+    a 1.7 GB model takes seconds); at most `QUEUED` tensors wait for it, which bounds the memory it adds. A
+    write that failed raises from the next `write` or from `finish`."""
+
+    QUEUED = 2
 
     def __init__(self, folder: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], max_bytes: int):
         self.folder = Path(folder)
@@ -138,6 +148,19 @@ class StreamingShardWriter:
         self._order = iter(layout)
         self._handle = None
         self._file = None
+        self._queue = queue.Queue(maxsize=self.QUEUED)
+        self._error = None
+        self._thread = threading.Thread(target=self._write_queued, name="shard-writer", daemon=True)
+        self._thread.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, error_type, error, traceback):
+        if error_type is None:
+            self.finish()
+        else:
+            self._stop()
 
     def _open(self, file_name: str):
         if self._handle is not None:
@@ -155,7 +178,34 @@ class StreamingShardWriter:
         self._handle.write(len(encoded).to_bytes(8, "little") + encoded)
         self._file = file_name
 
+    def _write_queued(self):
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # drain what is queued, so that the caller never blocks on a full queue
+            name, data = item
+            try:
+                if self.file_of[name] != self._file:
+                    self._open(self.file_of[name])
+                if data.numel():
+                    self._handle.write(memoryview(data.view(torch.uint8).numpy()))
+            except BaseException as error:  # raised again in the caller's thread
+                self._error = error
+
+    def _raise_failed_write(self):
+        if self._error is not None:
+            raise self._error
+
+    def _stop(self):
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
     def write(self, name: str, tensor: torch.Tensor):
+        """Check `tensor` against the layout and refuse non-finite values, then queue it for writing; the caller
+        must not change it in place afterwards."""
         expected_name = next(self._order, None)
         if name != expected_name:
             raise ValueError(f"tensors must be written in layout order: expected {expected_name}, got {name}")
@@ -163,18 +213,15 @@ class StreamingShardWriter:
         if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
             raise ValueError(f"{name}: got {list(tensor.shape)} {tensor.dtype}, the layout says {list(shape)} {dtype}")
         refuse_non_finite(name, tensor)
-        if self.file_of[name] != self._file:
-            self._open(self.file_of[name])
-        data = tensor.detach().contiguous().cpu()
-        if data.numel():
-            self._handle.write(memoryview(data.view(torch.uint8).numpy()))
+        self._raise_failed_write()
+        self._queue.put((name, tensor.detach().contiguous().cpu()))
 
     def finish(self):
         leftover = next(self._order, None)
+        self._stop()
+        self._raise_failed_write()
         if leftover is not None:
             raise ValueError(f"output incomplete: {leftover} and the tensors after it were never written")
-        if self._handle is not None:
-            self._handle.close()
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total}, "weight_map": self.file_of}
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

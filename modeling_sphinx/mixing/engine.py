@@ -227,19 +227,18 @@ def _mix(recipe: Recipe, out_dir: Path, max_shard_size, card_stages: list | None
     }
     needed = sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values())
     with atomic_output_dir(out_dir, needed_bytes=needed) as staging:
-        writer = StreamingShardWriter(staging, layout, parse_size(max_shard_size))
-        for name in names:
-            out_dtype = layout[name][1]
-            if name in plan:
-                tensors = [checkpoint.get(name) for checkpoint, _ in inputs.participants]
-                result = mix_tensor(recipe, name, inputs.base.get(name), tensors, plan[name], compute, out_dtype)
-                del tensors
-                writer.write(name, result)
-            else:
-                setting = recipe.parts.get(part_of(name))
-                source = inputs.checkpoints[setting.source] if setting and setting.source else inputs.base
-                writer.write(name, source.get(name).to(out_dtype))
-        writer.finish()
+        with StreamingShardWriter(staging, layout, parse_size(max_shard_size)) as writer:
+            for name in names:
+                out_dtype = layout[name][1]
+                if name in plan:
+                    tensors = [checkpoint.get(name) for checkpoint, _ in inputs.participants]
+                    result = mix_tensor(recipe, name, inputs.base.get(name), tensors, plan[name], compute, out_dtype)
+                    del tensors
+                    writer.write(name, result)
+                else:
+                    setting = recipe.parts.get(part_of(name))
+                    source = inputs.checkpoints[setting.source] if setting and setting.source else inputs.base
+                    writer.write(name, source.get(name).to(out_dtype))
         dropped = sorted(set(names) - writer.written_names())
         if dropped:
             raise RecipeError(f"internal error: the output would lack tensors {dropped[:10]}")

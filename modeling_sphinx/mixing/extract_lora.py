@@ -285,15 +285,14 @@ def extract_lora(base: str | Path, tuned: str | Path, out: str | Path, rank: int
 
     with atomic_output_dir(out, needed_bytes=needed) as staging:
         # one shard holds everything; the writer names it model.safetensors, PEFT reads adapter_model.safetensors
-        writer = StreamingShardWriter(staging, layout, max_bytes=needed + 1)
-        for key in layout:
-            if key in carried_tensors:
-                writer.write(key, tuned_weights.get(carried_tensors[key]))
-            else:
-                module, _, factor = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
-                layer = extraction.layers[module]
-                writer.write(key, layer.lora_a if factor == "A.weight" else layer.lora_b)
-        writer.finish()
+        with StreamingShardWriter(staging, layout, max_bytes=needed + 1) as writer:
+            for key in layout:
+                if key in carried_tensors:
+                    writer.write(key, tuned_weights.get(carried_tensors[key]))
+                else:
+                    module, _, factor = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+                    layer = extraction.layers[module]
+                    writer.write(key, layer.lora_a if factor == "A.weight" else layer.lora_b)
         (staging / "model.safetensors").rename(staging / ADAPTER_WEIGHTS)
         _lora_config(extraction, base_reference).save_pretrained(staging)
         (staging / "README.md").write_text(_card(extraction, base_reference, tuned_reference, rank))
