@@ -16,6 +16,7 @@ single-architecture methods).
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -187,6 +188,7 @@ def exact_ties(base, models, weights, density):
 
 
 def measure(command: list[str]) -> dict:
+    os.sync()  # the last run's output flushed first: no run pays for another's writeback to disk
     result = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(result.stderr[-2000:])
