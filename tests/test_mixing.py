@@ -323,18 +323,22 @@ def test_the_shard_writer_writes_in_order_and_raises_a_failed_write(tmp_path):
     assert all(torch.equal(read[name], tensor) for name, tensor in tensors.items())
 
     # a write that fails on the writer's thread (here: no folder to write into) raises in the caller's
-    with pytest.raises(FileNotFoundError, match="missing"):
-        with StreamingShardWriter(tmp_path / "missing", layout, max_bytes=10**9) as writer:
-            for name, tensor in tensors.items():
-                writer.write(name, tensor)
+    with (
+        pytest.raises(FileNotFoundError, match="missing"),
+        StreamingShardWriter(tmp_path / "missing", layout, max_bytes=10**9) as writer,
+    ):
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
     assert not writer._thread.is_alive() and writer._handle is None
 
     # leaving the block with an error of the caller's stops the thread without finishing the files
     (tmp_path / "stopped").mkdir()
-    with pytest.raises(RuntimeError, match="caller"):
-        with StreamingShardWriter(tmp_path / "stopped", layout, max_bytes=3 * 64 * 32 * 2) as writer:
-            writer.write("t0", tensors["t0"])
-            raise RuntimeError("the caller failed")
+    with (
+        pytest.raises(RuntimeError, match="caller"),
+        StreamingShardWriter(tmp_path / "stopped", layout, max_bytes=3 * 64 * 32 * 2) as writer,
+    ):
+        writer.write("t0", tensors["t0"])
+        raise RuntimeError("the caller failed")
     assert not writer._thread.is_alive() and not (tmp_path / "stopped" / "model.safetensors.index.json").exists()
 
 
