@@ -2,9 +2,10 @@
 
 `LazyCheckpoint` reads each tensor with `pread` (no memory map, so pages read once do not stay in the
 process's memory); `StreamingShardWriter` knows every output tensor's name, shape and dtype up front, writes
-each shard's header first and then each tensor's bytes as soon as it is computed, on a thread of its own. `DECODER_SHAPE_FIELDS` are
-the fields of a transformers decoder config that fix the shapes of its tensors: mixing requires them to agree
-between checkpoints, and a model card compares them with a release's to tell a release from a reduced-size model.
+each shard's header first and then each tensor's bytes as soon as it is computed, on a thread of its own.
+`DECODER_SHAPE_FIELDS` are the fields of a transformers decoder config that fix the shapes of its tensors: mixing
+requires them to agree between checkpoints, and a model card compares them with a release's to tell a release
+from a reduced-size model.
 """
 
 import json
