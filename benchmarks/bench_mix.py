@@ -11,13 +11,14 @@ draw random masks at density 1, where they draw nothing), and the TIES outputs w
 second command compares the methods' arithmetic: a 2-layer, 256-wide LLM in float32 (no ties between magnitudes
 for the two tools to break differently) and float32 outputs, with a float64 mix as the reference wherever the two
 differ. Figures are recorded in benchmarks/README.md; `--methods` picks some (default: all of mergekit's
-single-architecture methods).
+single-architecture methods), and a method named again runs again, its median ratio printed at the end.
 """
 
 import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -264,13 +265,17 @@ def main():
     if args.entry == "package":
         entry = [sys.executable, "-m", "modeling_sphinx.cli"]
     rows = []
+    tools = (("mergekit", "llama"), ("sphinx-mllm", "sphinx"))
     for method in args.methods.split(","):
         results, outputs = {}, {}
-        for tool, prefix in (("mergekit", "llama"), ("sphinx-mllm", "sphinx")):
+        # the second run of a pair is slowed by the first's disk traffic (even flushed): a method run again
+        # starts with the other tool
+        first_again = sum(row["method"] == method for row in rows) % 2
+        for tool, prefix in tools[::-1] if first_again else tools:
             paths = [str(work / f"{prefix}-{n}") for n in ("a", "b", "base")]
             results[tool], outputs[tool] = run_tool(tool, work, recipe(method, *paths), method, entry)
         if method in RANDOM:  # the timed run drew its masks with each tool's own generator: compare at density 1
-            for tool, prefix in (("mergekit", "llama"), ("sphinx-mllm", "sphinx")):
+            for tool, prefix in tools:
                 paths = [str(work / f"{prefix}-{n}") for n in ("a", "b", "base")]
                 shutil.rmtree(outputs[tool])
                 _, outputs[tool] = run_tool(tool, work, recipe(method, *paths, density=1.0), method, entry)
@@ -307,6 +312,28 @@ def main():
             flush=True,
         )
     (work / "results.json").write_text(json.dumps(rows, indent=2))
+    print_medians(rows)
+
+
+def print_medians(rows: list[dict]):
+    """For each method run more than once (named again in `--methods`): the median of its time and peak-memory
+    ratios, and the range of its time ratio. Each run's ratio pairs the two tools' consecutive runs, so the median
+    over rounds is the figure least moved by the machine's run-to-run noise."""
+    rounds = {}
+    for row in rows:
+        rounds.setdefault(row["method"], []).append(row)
+    repeated = {method: runs for method, runs in rounds.items() if len(runs) > 1}
+    if not repeated:
+        return
+    print("| method | runs | median time ratio (range) | median peak RSS ratio |")
+    print("|---|---|---|---|")
+    for method, runs in repeated.items():
+        times = [run["sphinx_s"] / run["mergekit_s"] for run in runs]
+        memory = [run["sphinx_gib"] / run["mergekit_gib"] for run in runs]
+        print(
+            f"| {method} | {len(runs)} | {statistics.median(times):.2f} ({min(times):.2f}-{max(times):.2f}) | "
+            f"{statistics.median(memory):.2f} |"
+        )
 
 
 def exact_ties_check(work: Path, outputs: dict):
