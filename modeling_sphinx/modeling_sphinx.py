@@ -506,7 +506,7 @@ class SphinxModel(SphinxPreTrainedModel):
         context = (encoder_dtype, pixel_values.dtype, tuple(pixel_values.shape[1:]), str(pixel_values.device))
         on_host = pixel_values.detach().contiguous().cpu()
         # SHA-256 rather than BLAKE2: CPUs with SHA extensions (x86 since Zen and Ice Lake, ARMv8) hash it about
-        # twice as fast, and the hashing is part of every training step (16 images of 224 px: 5 ms against 8)
+        # 1.5x as fast, and the hashing is part of every training step (16 images of 224 px: 5.1 ms against 7.8)
         keys = [(context, hashlib.sha256(image.view(torch.uint8).numpy()).digest()) for image in on_host]
         found = {key: kept[key] for key in keys if key in kept}
         missing = list(dict.fromkeys(key for key in keys if key not in found))
