@@ -1,5 +1,6 @@
 """Multi-task SFT: task formats and datasets, the collator's labels, and the TRL recipes end to end."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -13,6 +14,7 @@ import torch
 import yaml
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.image_utils import make_flat_list_of_images
 
 from modeling_sphinx.cli import main
 from modeling_sphinx.folder.create import init_model
@@ -243,7 +245,7 @@ def test_labels_supervise_exactly_the_answers(world, tiny_sphinx):
         tight([dict(samples["referring_expression"][0])])
 
 
-def test_image_cache_decodes_each_file_once_and_changes_nothing(world, tiny_sphinx, monkeypatch):
+def test_image_cache_reads_each_file_once_and_changes_nothing(world, tiny_sphinx, monkeypatch):
     from modeling_sphinx.training import sft
 
     processor = AutoProcessor.from_pretrained(tiny_sphinx)
@@ -251,13 +253,22 @@ def test_image_cache_decodes_each_file_once_and_changes_nothing(world, tiny_sphi
     batch_samples = [samples["referring_expression"][0], samples["vqa"][1], samples["vqa"][0]]
     plain = SphinxDataCollator(processor=processor, max_length=4096, assistant_only_loss=True)
     files = {str(image) for sample in batch_samples for image in sample["images"]}
-    assert len(files) >= 2
+    assert len(files) >= 2 and len(files) < len(batch_samples)  # an image shared by two samples of the batch
     decoded, open_image = [], sft.open_image
     monkeypatch.setattr(sft, "open_image", lambda path: decoded.append(path) or open_image(path))
+    preprocessed, preprocess = [], type(processor.image_processor).preprocess
+
+    def counted(self, images, *args, **kwargs):
+        preprocessed.extend(make_flat_list_of_images(images))
+        return preprocess(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(type(processor.image_processor), "preprocess", counted)
     expected = plain([dict(s) for s in batch_samples])
     assert not decoded  # without a cache TRL's processor decodes the files itself
+    assert len(preprocessed) == len(batch_samples)
     for size, evicts in ((len(files), False), (1, True)):
         decoded.clear()
+        preprocessed.clear()
         cached = SphinxDataCollator(
             processor=processor, max_length=4096, assistant_only_loss=True, image_cache_size=size
         )
@@ -265,8 +276,67 @@ def test_image_cache_decodes_each_file_once_and_changes_nothing(world, tiny_sphi
             batch = cached([dict(s) for s in batch_samples])
             assert batch.keys() == expected.keys()
             assert all(torch.equal(batch[key], expected[key]) for key in expected)
-        assert len(cached._decoded) == size
-        assert len(decoded) > len(files) if evicts else len(decoded) == len(files)
+        assert len(cached._decoded) == size and len(cached._pixels) == size
+        assert not isinstance(processor.image_processor, sft._KeptPixels)  # the processor's own again
+        if evicts:
+            assert len(decoded) > len(files) and len(preprocessed) > len(files)
+        else:
+            assert len(decoded) == len(files) and len(preprocessed) == len(files)
+    loose = [dict(s, images=[Image.open(image) for image in s["images"]]) for s in batch_samples]
+    preprocessed.clear()
+    for _ in range(2):  # images given as objects are the caller's, preprocessed every time
+        batch = cached([dict(s) for s in loose])
+        assert all(torch.equal(batch[key], expected[key]) for key in expected)
+    assert len(preprocessed) == 2 * len(batch_samples)
+
+
+def test_the_lm_head_projects_only_the_labelled_positions(world, tiny_sphinx, tmp_path, monkeypatch):
+    """TRL's fused head on the CPU, under `labelled_positions_only` (as `train` runs it): the same loss and
+    gradients, from only the positions that have a label."""
+    import trl.trainer.utils as trl_utils
+
+    from modeling_sphinx import SphinxConfig, SphinxForConditionalGeneration
+    from modeling_sphinx.training.sft import labelled_positions_only, make_parser, train
+
+    projected, apply = [], trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(
+        trl_utils._ChunkedLogProbFunction,
+        "apply",
+        lambda hidden, *rest: projected.append(len(hidden)) or apply(hidden, *rest),
+    )
+    processor = AutoProcessor.from_pretrained(tiny_sphinx)
+    samples = _by_task(world)
+    collator = SphinxDataCollator(processor=processor, max_length=4096, assistant_only_loss=True)
+    batch = collator([dict(samples["vqa"][0]), dict(samples["referring_expression"][0])])
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    torch.manual_seed(0)
+    model = SphinxForConditionalGeneration(SphinxConfig.from_pretrained(tiny_sphinx))
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    results = []
+    model.eval()  # no dropout (the Q-Former's), so that the two ways see the same activations
+    for compact in (False, True):
+        model.zero_grad()
+        with labelled_positions_only() if compact else contextlib.nullcontext():
+            out = model(**batch, fused_lm_head=True)
+        out.loss.backward()
+        results.append((out, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert projected == [batch["labels"][:, 1:].numel(), labelled] and labelled < projected[0] / 4
+    (full, full_grads), (compact, compact_grads) = results
+    for name in ("loss", "log_probs", "entropy", "is_top1"):
+        assert torch.allclose(getattr(compact, name), getattr(full, name), rtol=1e-5, atol=1e-6), name
+    assert all(torch.allclose(c, f, rtol=1e-4, atol=1e-6) for c, f in zip(compact_grads, full_grads, strict=True))
+    assert trl_utils._use_triton(torch.device("cpu")) is False  # restored
+
+    collated, collate = [], SphinxDataCollator.torch_call
+    monkeypatch.setattr(
+        SphinxDataCollator, "torch_call", lambda self, rows: collated.append(collate(self, rows)) or collated[-1]
+    )
+    projected.clear()
+    argv = train_args(tiny_sphinx, world, tmp_path / "run", "--max_steps", "2", "--save_final_model", "false")[1:]
+    args, training_args = make_parser().parse_args_and_config(args=["--config", *argv])
+    train(args, training_args, model=model, processor=processor)
+    labelled_per_batch = [int((b["labels"][:, 1:] != -100).sum()) for b in collated]
+    assert len(projected) == 2 and projected == labelled_per_batch[:2]  # the loader collates one batch ahead
 
 
 def _losses(out: Path) -> list[float]:

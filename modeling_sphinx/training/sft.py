@@ -20,13 +20,15 @@ What SPHINX needs beyond TRL's defaults, and why:
 import logging
 import shutil
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import PIL.Image
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import TrainerCallback
+from transformers import BatchFeature, TrainerCallback
+from transformers.image_utils import make_flat_list_of_images
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
@@ -83,7 +85,8 @@ class SphinxTuningArguments(ModelConfig):
     train_projectors: bool = field(default=True, metadata={"help": "train the projectors and start/end embeddings"})
     streaming: bool = field(default=False, metadata={"help": "stream the mixture (needs max_steps)"})
     image_cache_size: int = field(
-        default=0, metadata={"help": "decoded images kept in memory between batches (0: decode every time)"}
+        default=0,
+        metadata={"help": "images kept decoded and preprocessed between batches (0: read every time)"},
     )
     feature_cache_size: int = field(
         default=0,
@@ -129,14 +132,17 @@ class SphinxTuningArguments(ModelConfig):
 class SphinxDataCollator(DataCollatorForVisionLanguageModeling):
     """TRL's vision collator that never supervises `<image>` positions and refuses samples too long to keep.
 
-    `image_cache_size`: how many decoded images (given as paths) to keep between batches, the least recently
-    used dropped first. 0 decodes every image of every batch; a small image set trained for many epochs (the
-    demo's 1,600 PNGs, 180 MB decoded) is decoded once."""
+    `image_cache_size`: how many images (given as paths) to keep between batches, decoded and preprocessed, the
+    least recently used dropped first. 0 opens and preprocesses every image of every batch; a small image set
+    trained for many epochs (the demo's 1,600 PNGs: 180 MB decoded, 960 MB of pixel values) is read once."""
 
     image_cache_size: int = 0
 
     def __post_init__(self):
         self._decoded: OrderedDict[tuple, PIL.Image.Image] = OrderedDict()
+        # the processor's pixel values of each kept image, by the identity of its decoded image: those stay alive
+        # in `_decoded` for as long as their entry here, so no other image can take their `id`
+        self._pixels: dict[int, torch.Tensor | None] = {}
 
     def _image(self, value):
         if self.image_cache_size <= 0 or not isinstance(value, (str, Path)):
@@ -146,9 +152,11 @@ class SphinxDataCollator(DataCollatorForVisionLanguageModeling):
         if key in self._decoded:
             self._decoded.move_to_end(key)
         else:
-            self._decoded[key] = open_image(value)
+            image = self._decoded[key] = open_image(value)
+            self._pixels[id(image)] = None
             if len(self._decoded) > self.image_cache_size:
-                self._decoded.popitem(last=False)
+                _, dropped = self._decoded.popitem(last=False)
+                del self._pixels[id(dropped)]
         return self._decoded[key]
 
     def torch_call(self, examples: list[dict]) -> dict:
@@ -166,9 +174,41 @@ class SphinxDataCollator(DataCollatorForVisionLanguageModeling):
                         f"(BOS + {per_image} visual tokens each) but max_length is {self.max_length}; raise "
                         "max_length or drop the sample"
                     )
-        batch = super().torch_call(examples)
+        image_processor = self.processor.image_processor
+        if self.image_cache_size > 0:
+            self.processor.image_processor = _KeptPixels(image_processor, self._pixels)
+        try:
+            batch = super().torch_call(examples)
+        finally:
+            self.processor.image_processor = image_processor
         batch["labels"][batch["input_ids"] == self.processor.image_token_id] = -100
         return batch
+
+
+class _KeptPixels:
+    """The collator's image processor, preprocessing each kept image once (SPHINX's processor gives every image
+    its own row of `pixel_values`, the same whatever images share its batch); any image the collator does not
+    keep sends the whole call to the processor itself."""
+
+    def __init__(self, image_processor, pixels: dict[int, torch.Tensor | None]):
+        self.image_processor = image_processor
+        self.pixels = pixels
+
+    def __getattr__(self, name):
+        return getattr(self.image_processor, name)
+
+    def __call__(self, images, **kwargs):
+        flat = make_flat_list_of_images(images)
+        if kwargs.get("return_tensors") != "pt" or not all(id(image) in self.pixels for image in flat):
+            return self.image_processor(images, **kwargs)
+        missing = list({id(image): image for image in flat if self.pixels[id(image)] is None}.values())
+        if missing:
+            processed = self.image_processor(missing, **kwargs)
+            if set(processed) != {"pixel_values"}:  # another processor's output: nothing to keep per image
+                return self.image_processor(images, **kwargs)
+            for image, row in zip(missing, processed["pixel_values"], strict=True):
+                self.pixels[id(image)] = row.clone()  # its own storage, freed with its image
+        return BatchFeature({"pixel_values": torch.stack([self.pixels[id(image)] for image in flat])}, "pt")
 
 
 class ImageBoundaryCheckpoints(TrainerCallback):
@@ -375,7 +415,8 @@ def train(
     if resume and boundaries is not None:
         boundaries.restore(resume)
     try:
-        trainer.train(resume_from_checkpoint=resume)
+        with labelled_positions_only():
+            trainer.train(resume_from_checkpoint=resume)
         trainer.save_state()  # OUTPUT_DIR/trainer_state.json: the loss curve, also when no checkpoint is kept
     except Exception as error:
         if is_full_disk(error):
@@ -398,6 +439,30 @@ def train(
         save_model_folder(final.eval(), processor, model_dir, provenance=provenance)
     trainer.accelerator.wait_for_everyone()
     return model_dir
+
+
+@contextmanager
+def labelled_positions_only():
+    """TRL's fused LM head, projecting only the positions that have a label on the CPU too.
+
+    Off Triton devices TRL (1.x) projects every position through the LM head and zeroes the unlabelled ones
+    afterwards, so that a compiler such as Neuron's sees one tile shape on every batch; on a CPU running eagerly
+    that is work thrown away. In SPHINX's training nearly every position is unlabelled (the visual tokens, the
+    system prompt, the question): the demo's stage 2 labels about one position in eleven, and projecting the rest
+    took about a quarter of its step (`benchmarks/README.md`). The loss is the same sum over the same labelled
+    positions, rounded in another order. Where TRL no longer decides this through `_use_triton`, nothing changes.
+    """
+    import trl.trainer.utils as trl_utils
+
+    uses_triton = getattr(trl_utils, "_use_triton", None)
+    if uses_triton is None:
+        yield
+        return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or uses_triton(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = uses_triton
 
 
 def _full_disk(output_dir: Path, model) -> ValueError:
