@@ -15,6 +15,8 @@ What SPHINX needs beyond TRL's defaults, and why:
   projectors are trained through `modules_to_save` and the start/end embeddings as plain parameters saved with
   every checkpoint (`image_boundaries.safetensors`), since PEFT can only save modules.
 - QLoRA quantizes the LLM alone: the towers, projectors and `lm_head` stay in 16-bit (`four_bit_config`).
+- On a CPU, TRL's fused LM head projects only the labelled positions, as it does on GPUs
+  (`labelled_positions_only`): SPHINX labels few of its positions, the visual tokens never.
 """
 
 import logging
