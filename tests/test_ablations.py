@@ -172,7 +172,8 @@ def test_the_console_and_report_show_tables_verdicts_and_plots(ablated):
     assert lines[-1].startswith("tables, plots and results: ")
     assert (out / "ablations" / "report.md").read_text() == "\n".join(lines[:-1]) + "\n"
     bars = [line for line in errors.replace("\r", "\n").splitlines() if line.strip()]
-    assert all(line.startswith(("stage 1 (", "stage 2", "eval, ")) for line in bars), bars[:5]
+    assert all(line.startswith(("ablation arms, 2 at a time", "stage 2", "eval, ")) for line in bars), bars[:5]
+    assert "stage 2 (CLIP-style ViT alone)" in (out / "ablations" / "logs" / "encoder-clip.log").read_text()
     for name in ("weights.png", "weights_curve.png", "tasks.png", "visual_embeddings.png", "scales.png"):
         plot = Image.open(out / "ablations" / name)
         colours = np.unique(np.asarray(plot.convert("RGB")).reshape(-1, 3), axis=0)

@@ -138,6 +138,13 @@ class Run:
         return by_question_type(found, self.held_out) if split_vqa else found
 
 
+def _sweep_arm(run: Run, beta: float) -> tuple[dict, Path]:
+    """Stage 2 from the line's mix at `beta`, scored."""
+    mixed = weight_mix(run.line["real"], run.line["synthetic"], beta, run.root / mix_folder(beta))
+    model = stage_two(run.root, mix_name(beta), mixed, run.train, run.budget)
+    return run.score(model, f"stage2-{mix_folder(beta)}", beta_arm(beta)), model
+
+
 def _weights(run: Run) -> dict:
     outcomes, budgets = {}, {}
     for beta in BETAS:
@@ -145,9 +152,7 @@ def _weights(run: Run) -> dict:
         if beta == run.budget.beta:
             model, outcomes[arm] = run.model, run.main_job(arm)
         else:
-            mixed = weight_mix(run.line["real"], run.line["synthetic"], beta, run.root / mix_folder(beta))
-            model = stage_two(run.root, mix_name(beta), mixed, run.train, run.budget)
-            outcomes[arm] = run.score(model, f"stage2-{mix_folder(beta)}", arm)
+            outcomes[arm], model = _sweep_arm(run, beta)
         budgets[arm] = line_budget(run.line, model)
     mixed = beta_arm(run.budget.beta)
     pairs = {f"{mixed} - {beta_arm(parent)}": (mixed, beta_arm(parent)) for parent in (1.0, 0.0)}
@@ -156,27 +161,24 @@ def _weights(run: Run) -> dict:
     return found
 
 
-def _tasks(run: Run) -> dict:
-    outcomes = {ALL_TASKS: run.main_job(ALL_TASKS)}
-    budgets = {ALL_TASKS: spent(run.model)}
-    outcomes[ALONE], budgets[ALONE] = {}, {}
-    steps = single_task_steps(run.budget)
-    for name, task in TRAINED_TASK.items():
-        label = f"{name} alone"
-        model = task_stage(
-            run.line[run.mixed],
-            list(run.train.values()),
-            run.root / f"alone-{task}",
-            run.budget,
-            f"stage 2, {label}",
-            weights={task: 1},
-            steps=steps[task],
-        )
-        found = score(
-            model, run.held_out, run.root / "eval" / f"alone-{task}", f"eval, {label}", {name: EVERY_TASK[name]}
-        )
-        outcomes[ALONE].update(found)
-        budgets[ALONE][name] = spent(model)
+def _alone_arm(run: Run, name: str) -> tuple[dict, Path]:
+    """Stage 2 on the task `name` alone, from the mix, with its share of the steps; scored on that task."""
+    task, label = TRAINED_TASK[name], f"{name} alone"
+    model = task_stage(
+        run.line[run.mixed],
+        list(run.train.values()),
+        run.root / f"alone-{task}",
+        run.budget,
+        f"stage 2, {label}",
+        weights={task: 1},
+        steps=single_task_steps(run.budget)[task],
+    )
+    found = score(model, run.held_out, run.root / "eval" / f"alone-{task}", f"eval, {label}", {name: EVERY_TASK[name]})
+    return found, model
+
+
+def _generic_arm(run: Run) -> tuple[dict, Path]:
+    """Stage 2 on all tasks from the mix, every instruction replaced by the generic one; scored with it."""
     generic = task_stage(
         run.line[run.mixed],
         list(run.train.values()),
@@ -185,7 +187,18 @@ def _tasks(run: Run) -> dict:
         f"stage 2, {GENERIC}",
         prompt_template=GENERIC_INSTRUCTION,
     )
-    outcomes[GENERIC] = run.score(generic, "generic-instruction", GENERIC, prompt_template=GENERIC_INSTRUCTION)
+    return run.score(generic, "generic-instruction", GENERIC, prompt_template=GENERIC_INSTRUCTION), generic
+
+
+def _tasks(run: Run) -> dict:
+    outcomes = {ALL_TASKS: run.main_job(ALL_TASKS)}
+    budgets = {ALL_TASKS: spent(run.model)}
+    outcomes[ALONE], budgets[ALONE] = {}, {}
+    for name in TRAINED_TASK:
+        found, model = _alone_arm(run, name)
+        outcomes[ALONE].update(found)
+        budgets[ALONE][name] = spent(model)
+    outcomes[GENERIC], generic = _generic_arm(run)
     budgets[GENERIC] = spent(generic)
     pairs = {f"{ALL_TASKS} - {ALONE}": (ALL_TASKS, ALONE), f"{ALL_TASKS} - {GENERIC}": (ALL_TASKS, GENERIC)}
     return _ablation(outcomes, budgets, pairs)
@@ -199,12 +212,21 @@ def _line_arm(run: Run, folder: str, arm: str, split_vqa: bool = False, **line_o
     return run.score(model, folder, arm, split_vqa), line_budget(line, model), model
 
 
+def _encoder_arm(run: Run, encoder: str) -> tuple[dict, dict, Path]:
+    """The whole line with `encoder` alone."""
+    return _line_arm(run, f"encoder-{encoder}", f"{ENCODER_ARMS[encoder]} alone", encoders=(encoder,))
+
+
+def _global_view_arm(run: Run) -> tuple[dict, dict, Path]:
+    """The whole line with the global view alone (`crop_grid=1`), VQA split by question type."""
+    return _line_arm(run, "global-view", GLOBAL_ONLY, True, crop_grid=1)
+
+
 def _encoders(run: Run) -> dict:
     outcomes = {THREE_ENCODERS: run.main_job(THREE_ENCODERS)}
     budgets = {THREE_ENCODERS: line_budget(run.line, run.model)}
     for encoder, name in ENCODER_ARMS.items():
-        arm = f"{name} alone"
-        outcomes[arm], budgets[arm], _ = _line_arm(run, f"encoder-{encoder}", arm, encoders=(encoder,))
+        outcomes[f"{name} alone"], budgets[f"{name} alone"], _ = _encoder_arm(run, encoder)
     single = [f"{name} alone" for name in ENCODER_ARMS.values()]
     found = _ablation(outcomes, budgets, {f"{THREE_ENCODERS} - {arm}": (THREE_ENCODERS, arm) for arm in single})
     found["best single encoder"] = max(single, key=lambda arm: found["arms"][arm]["average"]["score"])
@@ -215,11 +237,83 @@ def _scales(run: Run) -> dict:
     outcomes = {WITH_SUB_IMAGES: run.main_job(WITH_SUB_IMAGES, split_vqa=True)}
     budgets = {WITH_SUB_IMAGES: line_budget(run.line, run.model)}
     tokens = {WITH_SUB_IMAGES: visual_tokens(run.model)}
-    outcomes[GLOBAL_ONLY], budgets[GLOBAL_ONLY], model = _line_arm(run, "global-view", GLOBAL_ONLY, True, crop_grid=1)
+    outcomes[GLOBAL_ONLY], budgets[GLOBAL_ONLY], model = _global_view_arm(run)
     tokens[GLOBAL_ONLY] = visual_tokens(model)
     found = _ablation(outcomes, budgets, {f"{WITH_SUB_IMAGES} - {GLOBAL_ONLY}": (WITH_SUB_IMAGES, GLOBAL_ONLY)})
     found["visual tokens"] = tokens
     return found
+
+
+# The arms besides the main job's model, longest first: each trains and scores in its own folders, so that they
+# can run in any order and at the same time; the ablations then read them back.
+ARMS_AT_ONCE = 2
+ARM_THREADS = 1
+
+
+def _arms(budget: Budget) -> list[tuple]:
+    lines = [("encoder", encoder) for encoder in ENCODER_ARMS] + [("global view",)]
+    sweep = [("beta", beta) for beta in BETAS if beta != budget.beta]
+    steps = single_task_steps(budget)
+    alone = sorted(TRAINED_TASK, key=lambda name: -steps[TRAINED_TASK[name]])
+    return lines + sweep + [("generic",)] + [("alone", name) for name in alone]
+
+
+ARM_RUNNERS = {
+    "encoder": _encoder_arm,
+    "global view": _global_view_arm,
+    "beta": _sweep_arm,
+    "generic": _generic_arm,
+    "alone": _alone_arm,
+}
+
+
+def _start_arm_worker():
+    import torch
+
+    torch.set_num_threads(ARM_THREADS)
+
+
+def _train_arm(out: Path, budget: Budget, seed: int, held_out_images: int, arm: tuple):
+    """One arm in a worker; its stages' progress bars go to `ablations/logs/<arm>.log` (two workers' bars on one
+    console would overwrite each other; the console shows the arms done)."""
+    from contextlib import redirect_stderr
+
+    logs = out / "ablations" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    name = "-".join(str(part) for part in arm).replace(" ", "-")
+    with open(logs / f"{name}.log", "w") as log, redirect_stderr(log), only_stage_progress():
+        run = Run(out, budget, seed, held_out_images)
+        ARM_RUNNERS[arm[0]](run, *arm[1:])
+
+
+def _train_arms(run: Run, held_out_images: int):
+    """Every arm but the main job's, `ARMS_AT_ONCE` at a time in worker processes of `ARM_THREADS` thread each.
+
+    The model is small enough that two threads on one arm leave much of two cores idle (the collation and the
+    training loop are Python, one core; the model's operations are too small to split well). One thread rounds
+    some sums in another order than two, so which arm ran at which width is fixed, not the machine's choice:
+    the main job's line runs in this process as the demo runs it, every other arm on one thread."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from tqdm.auto import tqdm
+
+    arms = _arms(run.budget)
+    context = multiprocessing.get_context("spawn")  # a forked child would inherit this process's thread pools
+    with (
+        ProcessPoolExecutor(ARMS_AT_ONCE, mp_context=context, initializer=_start_arm_worker) as pool,
+        tqdm(total=len(arms), desc=f"ablation arms, {ARMS_AT_ONCE} at a time", dynamic_ncols=True) as bar,
+    ):
+        pending = {pool.submit(_train_arm, run.out, run.budget, run.seed, held_out_images, arm) for arm in arms}
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    future.result()  # a worker's error, raised here
+                    bar.update()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # the arms not started yet; a running one finishes its stage
+            raise
 
 
 def run_ablations(out: str | Path = "runs/demo", quick: bool = False, force: bool = False, seed: int = 0) -> dict:
@@ -240,7 +334,9 @@ TITLES = {
 def _run_ablations(out: Path, quick: bool, force: bool, seed: int) -> dict:
     budget = QUICK_BUDGET if quick else FULL_BUDGET
     claim(out, budget, seed, force)
-    run = Run(out, budget, seed, QUICK_HELD_OUT_IMAGES if quick else HELD_OUT_IMAGES)
+    held_out_images = QUICK_HELD_OUT_IMAGES if quick else HELD_OUT_IMAGES
+    run = Run(out, budget, seed, held_out_images)
+    _train_arms(run, held_out_images)
     results = {"weights": _weights(run), "tasks": _tasks(run), "visual embeddings": _encoders(run)}
     results["scales"] = _scales(run)
     write_text_atomic(run.root / "results.json", json.dumps(results, indent=2) + "\n")
