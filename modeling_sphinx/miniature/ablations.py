@@ -24,6 +24,10 @@ captions, detection), each cell with its 95 % Wilson interval, and each comparis
 the same questions. Selecting the best single encoder on these same questions favours it, so "three encoders >=
 the best single encoder" is judged against an optimistic rival. Results go to `OUT/ablations/`: `results.json`,
 `report.md` and one PNG per ablation. Stages already trained, the main job's included, are reused.
+
+The main job's line trains in this process, as the demo trains it; the other arms then train `ARMS_AT_ONCE` at a
+time, each in a worker process on `ARM_THREADS` thread (`_train_arms` says why), their stages' progress in
+`OUT/ablations/logs/<arm>.log`.
 """
 
 import json
@@ -290,9 +294,11 @@ def _train_arms(run: Run, held_out_images: int):
     """Every arm but the main job's, `ARMS_AT_ONCE` at a time in worker processes of `ARM_THREADS` thread each.
 
     The model is small enough that two threads on one arm leave much of two cores idle (the collation and the
-    training loop are Python, one core; the model's operations are too small to split well). One thread rounds
-    some sums in another order than two, so which arm ran at which width is fixed, not the machine's choice:
-    the main job's line runs in this process as the demo runs it, every other arm on one thread."""
+    training loop are Python, one core; the model's operations are too small to split well): two arms at once on
+    one thread each do about 1.5x the work of one arm on two threads (`benchmarks/bench_arms_at_once.py`). One
+    thread rounds some sums in another order than two, so these arms run on one thread whatever the machine; the
+    main job's line runs in this process, as the demo runs it, so that a run after the demo and a run from
+    nothing agree."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
