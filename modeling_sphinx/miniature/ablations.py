@@ -318,7 +318,7 @@ def _train_arms(run: Run, held_out_images: int):
                     future.result()  # a worker's error, raised here
                     bar.update()
         except BaseException:
-            pool.shutdown(cancel_futures=True)  # the arms not started yet; a running one finishes its stage
+            pool.shutdown(cancel_futures=True)  # drops the arms not started; a running one finishes, kept
             raise
 
 
