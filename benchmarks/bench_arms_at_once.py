@@ -12,6 +12,7 @@ time of each way (process start included, as in the ablations) and their ratio.
 """
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -37,19 +38,21 @@ def arm(root: Path, folder: str | None, steps: int, images: int, held_out: int):
     init = init_from_parts(root / "init", 0)
     if folder is None:
         return
+    (root / folder).mkdir()
     model = task_stage(init, list(train.values()), root / folder / "stage2", budget, f"stage 2 ({folder})")
     score(model, evaluation, root / folder / "eval", f"eval ({folder})", EVERY_TASK)
 
 
 def timed(commands: list[list[str]], at_once: bool) -> float:
+    quiet = {**os.environ, "TQDM_DISABLE": "1"}  # two arms' progress bars on one console overwrite each other
     start = time.perf_counter()
     if at_once:
-        for process in [subprocess.Popen(command) for command in commands]:
+        for process in [subprocess.Popen(command, env=quiet) for command in commands]:
             if process.wait():
                 raise SystemExit(f"an arm failed: {process.args}")
     else:
         for command in commands:
-            subprocess.run(command, check=True)
+            subprocess.run(command, check=True, env=quiet)
     return time.perf_counter() - start
 
 
