@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -283,6 +284,10 @@ def test_image_cache_reads_each_file_once_and_changes_nothing(world, tiny_sphinx
             assert len(decoded) > len(files) and len(preprocessed) > len(files)
         else:
             assert len(decoded) == len(files) and len(preprocessed) == len(files)
+    copied = pickle.loads(pickle.dumps(cached))  # what a DataLoader worker gets
+    assert not copied._decoded and not copied._pixels
+    batch = copied([dict(s) for s in batch_samples])
+    assert all(torch.equal(batch[key], expected[key]) for key in expected) and len(copied._pixels) == 1
     loose = [dict(s, images=[Image.open(image) for image in s["images"]]) for s in batch_samples]
     preprocessed.clear()
     for _ in range(2):  # images given as objects are the caller's, preprocessed every time

@@ -146,6 +146,11 @@ class SphinxDataCollator(DataCollatorForVisionLanguageModeling):
         # in `_decoded` for as long as their entry here, so no other image can take their `id`
         self._pixels: dict[int, torch.Tensor | None] = {}
 
+    def __getstate__(self):
+        # a copy (in a DataLoader worker) starts with empty caches: pixel values are found by the identity of their
+        # decoded image, which a copy does not keep, so a copied entry could be given to another image
+        return {**self.__dict__, "_decoded": OrderedDict(), "_pixels": {}}
+
     def _image(self, value):
         if self.image_cache_size <= 0 or not isinstance(value, (str, Path)):
             return value
