@@ -248,13 +248,14 @@ def _scales(run: Run) -> dict:
     return found
 
 
-# The arms besides the main job's model, longest first: each trains and scores in its own folders, so that they
-# can run in any order and at the same time; the ablations then read them back.
+# how the arms besides the main job's line run (`_train_arms` says why)
 ARMS_AT_ONCE = 2
 ARM_THREADS = 1
 
 
 def _arms(budget: Budget) -> list[tuple]:
+    """The arms besides the main job's model, longest first: each trains and scores in its own folders, so that
+    they can run in any order and at the same time; the ablations then read them back."""
     lines = [("encoder", encoder) for encoder in ENCODER_ARMS] + [("global view",)]
     sweep = [("beta", beta) for beta in BETAS if beta != budget.beta]
     steps = single_task_steps(budget)
